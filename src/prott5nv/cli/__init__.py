@@ -1,0 +1,50 @@
+"""The `prott5nv` command line: argument parsing and progress only, one module per command.
+
+Each command module defines `register(subparsers)` which adds its sub-parser and sets `func`.
+Errors a user can cause (:class:`~prott5nv.errors.ProtT5nvError`) are printed as one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import ProtT5nvError
+
+#: Command modules under prott5nv.cli, in the order `--help` lists them.
+COMMANDS = ("embed", "info", "preprocess")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="prott5nv", description="ProtT5nv protein language model: embed, pretrain, convert, serve."
+    )
+    parser.add_argument("--version", action="version", version=f"prott5nv {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ProtT5nvError as exc:
+        print(f"prott5nv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prott5nv {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,27 @@
+"""Errors a user can cause. The CLI catches :class:`ProtT5nvError` once and prints one line (exit 2)."""
+
+from __future__ import annotations
+
+
+class ProtT5nvError(Exception):
+    """Base class of every error caused by input, configuration or files rather than by a bug."""
+
+
+class InvalidSequenceError(ProtT5nvError, ValueError):
+    """A sequence or FASTA record breaks the input policy (bad character, empty, duplicate id...)."""
+
+
+class FastaFormatError(InvalidSequenceError):
+    """The file is not FASTA (no header, sequence before the first header, no records)."""
+
+
+class SequenceTooLongError(InvalidSequenceError):
+    """One or more sequences exceed the model's maximum length under the `refuse` policy."""
+
+
+class CheckpointError(ProtT5nvError):
+    """A checkpoint cannot be found, read, or represented by this package."""
+
+
+class ConfigError(ProtT5nvError, ValueError):
+    """Inconsistent or unknown configuration settings."""

@@ -1,0 +1,79 @@
+"""The residue alphabet and the input policy of SPEC.md §8, applied to one raw sequence string.
+
+Owned here so that FASTA reading, the tokenizer, the API and the server all clean sequences the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidSequenceError
+
+STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
+#: The 25 letters every vocabulary accepts: 20 standard + X (unknown) B (D/N) Z (E/Q) U (Sec) O (Pyl).
+RESIDUES = STANDARD_RESIDUES + "XBZUO"
+_RESIDUE_SET = frozenset(RESIDUES)
+_GAPS = frozenset("-.")
+_WHITESPACE = " \t\r\n\v\f"
+
+
+@dataclass(frozen=True)
+class SequencePolicy:
+    """How lenient to be with a raw sequence (the CLI flags `--strip-gaps` and `--unknown-to-x`)."""
+
+    strip_gaps: bool = False
+    unknown_to_x: bool = False
+
+
+DEFAULT_POLICY = SequencePolicy()
+
+
+def _where(record_id: str | None, source: str | None, line: int | None) -> str:
+    parts = []
+    if source:
+        parts.append(f"{source}:{line}" if line else source)
+    if record_id is not None:
+        parts.append(f"record '{record_id}'")
+    return ", ".join(parts)
+
+
+def clean_sequence(
+    raw: str,
+    record_id: str | None = None,
+    policy: SequencePolicy = DEFAULT_POLICY,
+    *,
+    source: str | None = None,
+    line: int | None = None,
+) -> str:
+    """Return `raw` upper-cased with whitespace removed, a single trailing `*` dropped, and every letter
+    checked against the 25-letter alphabet. Raises :class:`InvalidSequenceError` naming the record, the
+    position (1-based, in the cleaned sequence) and the character otherwise.
+    """
+    seq = raw.translate({ord(c): None for c in _WHITESPACE}).upper()
+    if seq.endswith("*"):
+        seq = seq[:-1]
+    if policy.strip_gaps:
+        seq = seq.replace("-", "").replace(".", "")
+    where = _where(record_id, source, line)
+    prefix = f"{where}: " if where else ""
+    if not seq:
+        raise InvalidSequenceError(f"{prefix}empty sequence")
+    if not _RESIDUE_SET.issuperset(seq):
+        chars = list(seq)
+        for i, ch in enumerate(chars):
+            if ch in _RESIDUE_SET:
+                continue
+            if policy.unknown_to_x and ch.isascii() and ch.isalpha():
+                chars[i] = "X"
+                continue
+            if ch == "*":
+                problem = "stop symbol '*' inside the sequence (only a single trailing '*' is allowed)"
+            elif ch in _GAPS:
+                problem = f"alignment gap '{ch}' (use --strip-gaps to remove gaps)"
+            elif ch.isascii() and ch.isalpha():
+                problem = f"unknown residue '{ch}' (use --unknown-to-x to map unknown letters to X)"
+            else:
+                problem = f"invalid character {ch!r}"
+            raise InvalidSequenceError(f"{prefix}{problem} at position {i + 1}")
+        seq = "".join(chars)
+    return seq
