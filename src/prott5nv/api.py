@@ -1,0 +1,179 @@
+"""The Python API, mirroring BioNeMo's ProtT5nv inference wrapper.
+
+    >>> import prott5nv
+    >>> model = prott5nv.load("prott5nv-demo")
+    >>> hiddens, mask = model.seqs_to_hiddens(["MKTAYIAKQR", "MSEQ"])
+    >>> emb = model.hiddens_to_embedding(hiddens, mask)      # [2, d_model], mean over residues
+    >>> emb = model.seqs_to_embedding(["MKTAYIAKQR", "MSEQ"])  # the same in one call
+
+Returned positions are residues only: ProtT5nv's encoder input has no special tokens, and the trailing
+`</s>` of Rostlab models is dropped, so ``hiddens[i, j]`` is residue ``j`` of sequence ``i``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import load_checkpoint
+from .errors import ConfigError, SequenceTooLongError
+from .model.t5 import T5Model
+from .sequence import DEFAULT_POLICY, SequencePolicy
+from .tokenizer import ProteinTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto": CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Compute precision. fp16 is refused on CPU, where PyTorch's half kernels are missing or slow."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("float16 is not supported on CPU; use bfloat16 (the CPU half precision)")
+    return dtype
+
+
+class ProtT5nv:
+    """A loaded model with its tokenizer, device and compute precision."""
+
+    def __init__(
+        self,
+        model: T5Model,
+        tokenizer: ProteinTokenizer,
+        *,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+        name: str = "",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @property
+    def config(self):  # noqa: ANN201 - T5Config
+        return self.model.config
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest protein (residues) the encoder accepts, or None when positions are relative."""
+        limit = self.config.max_length
+        return None if limit is None else limit - self.tokenizer.num_special_suffix
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.d_model
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        with torch.inference_mode():
+            if self.dtype == torch.float32:
+                yield
+            else:
+                with torch.autocast(self.device.type, dtype=self.dtype):
+                    yield
+
+    # --------------------------------------------------------------------------------- tokenizing
+    def encode(
+        self,
+        seqs: Sequence[str],
+        ids: Sequence[str] | None = None,
+        policy: SequencePolicy = DEFAULT_POLICY,
+    ) -> list[np.ndarray]:
+        """Clean and tokenize raw sequences; too-long ones raise :class:`SequenceTooLongError`."""
+        names = list(ids) if ids is not None else [f"sequence {i + 1}" for i in range(len(seqs))]
+        out = [self.tokenizer.encode(s, rid, policy) for s, rid in zip(seqs, names, strict=True)]
+        limit = self.config.max_length
+        if limit is not None:
+            long = [(n, len(t) - self.tokenizer.num_special_suffix) for n, t in zip(names, out) if len(t) > limit]
+            if long:
+                listed = ", ".join(f"{n} ({length})" for n, length in long[:10])
+                raise SequenceTooLongError(
+                    f"{len(long)} sequence(s) longer than the model's maximum of {self.max_length} residues: "
+                    f"{listed}"
+                )
+        return out
+
+    def collate(self, token_ids: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Right-pad id arrays into ``(input_ids [B, S], attention_mask [B, S])`` on the model device."""
+        longest = max(len(t) for t in token_ids)
+        batch = np.full((len(token_ids), longest), self.tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+        for i, t in enumerate(token_ids):
+            batch[i, : len(t)] = t
+            mask[i, : len(t)] = 1
+        return torch.from_numpy(batch).to(self.device), torch.from_numpy(mask).to(self.device)
+
+    # --------------------------------------------------------------------------------- inference
+    def tokens_to_hiddens(self, token_ids: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Encoder states of tokenized sequences, special tokens removed: ``(hiddens, residue_mask)``,
+        hiddens in float32 ``[B, L_max, D]``, mask bool ``[B, L_max]``."""
+        input_ids, attn = self.collate(token_ids)
+        with self._precision():
+            hiddens = self.model.encode(input_ids, attn)
+        hiddens = hiddens.float()
+        mask = attn.bool()
+        suffix = self.tokenizer.num_special_suffix
+        if suffix:
+            lengths = attn.sum(1) - suffix
+            mask = torch.arange(attn.shape[1], device=attn.device)[None] < lengths[:, None]
+            hiddens = hiddens[:, : attn.shape[1] - suffix]
+            mask = mask[:, : attn.shape[1] - suffix]
+        return hiddens.masked_fill(~mask[..., None], 0.0), mask
+
+    def seqs_to_hiddens(
+        self, seqs: Sequence[str], ids: Sequence[str] | None = None, policy: SequencePolicy = DEFAULT_POLICY
+    ) -> tuple[Tensor, Tensor]:
+        """Per-residue encoder states ``[B, L_max, D]`` (float32) and the residue mask ``[B, L_max]``."""
+        if len(seqs) == 0:
+            raise ConfigError("seqs_to_hiddens needs at least one sequence")
+        return self.tokens_to_hiddens(self.encode(seqs, ids, policy))
+
+    @staticmethod
+    def hiddens_to_embedding(hiddens: Tensor, mask: Tensor) -> Tensor:
+        """Per-protein embedding: the mean over real residues (padding excluded)."""
+        mask = mask.to(hiddens.dtype)[..., None]
+        lengths = mask.sum(1).clamp(min=1.0)
+        return (hiddens * mask).sum(1) / lengths
+
+    def seqs_to_embedding(
+        self, seqs: Sequence[str], ids: Sequence[str] | None = None, policy: SequencePolicy = DEFAULT_POLICY
+    ) -> Tensor:
+        """Per-protein embeddings ``[B, D]`` (float32)."""
+        return self.hiddens_to_embedding(*self.seqs_to_hiddens(seqs, ids, policy))
+
+
+def load(
+    name_or_path: str | os.PathLike = "prott5nv-demo",
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> ProtT5nv:
+    """Load a bundled model by name, a native checkpoint directory, a `.nemo` archive or an HF T5
+    directory. `device` "auto" picks CUDA when available; `dtype` "bfloat16"/"float16" runs the network
+    under autocast (weights stay float32)."""
+    model, tokenizer = load_checkpoint(name_or_path)
+    return ProtT5nv(model, tokenizer, device=device, dtype=dtype, name=str(name_or_path))
