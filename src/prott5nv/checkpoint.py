@@ -166,10 +166,10 @@ def load_state_dict_strict(model: T5Model, state: dict[str, torch.Tensor], *, so
         raise CheckpointError(
             f"{source}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
+    for k, ref in own.items():  # in model order, so the first mismatch reported is the first layer's
+        if tuple(state[k].shape) != tuple(ref.shape):
             raise CheckpointError(
-                f"{source}: weight {k} has shape {tuple(v.shape)}, the config implies {tuple(own[k].shape)}"
+                f"{source}: weight {k} has shape {tuple(state[k].shape)}, the config implies {tuple(ref.shape)}"
             )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
