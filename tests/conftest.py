@@ -1,4 +1,4 @@
-"""Shared fixtures: the real protein data in ../shared/data, a few real proteins, a tiny model."""
+"""Shared fixtures: real protein data (tests/data: subsets of ../shared/data), real proteins, a tiny model."""
 
 from __future__ import annotations
 
@@ -15,17 +15,15 @@ from prott5nv.model.t5 import T5Model
 from prott5nv.tokenizer import ProteinTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-SWISSPROT = SHARED_DATA / "swissprot_dev_100k.fasta.gz"
-PROTEOME = SHARED_DATA / "proteome_HG003687.faa"
-LOCALIZATION = SHARED_DATA / "localization_dev.csv.gz"
+TEST_DATA = REPO / "tests" / "data"  # real subsets shipped with the repo (see tests/data/README.md)
+SWISSPROT = TEST_DATA / "swissprot_3k.fasta.gz"  # first 3,000 records of swissprot_dev_100k
+PROTEOME = TEST_DATA / "proteome_HG003687.faa"  # 2,100 Prodigal proteins with '*' stops
 SAMPLE_FASTA = REPO / "examples" / "sample.fasta"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    assert SWISSPROT.exists(), f"shared data missing: {SHARED_DATA}"
-    return SHARED_DATA
+def test_data() -> Path:
+    return TEST_DATA
 
 
 @pytest.fixture(scope="session")
