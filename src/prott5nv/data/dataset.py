@@ -1,0 +1,30 @@
+"""The pretraining dataset: sequence store -> token ids -> T5-masked samples."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from ..tokenizer import ProteinTokenizer
+from .masking import T5Masker, T5Sample
+from .store import SequenceStore
+
+
+class T5PretrainingDataset(Dataset):
+    """Item `i` is sequence `i` of the store, tokenized and masked with randomness fixed by
+    (masker seed, epoch, i). Call :meth:`set_epoch` each epoch to draw new masks; with persistent
+    DataLoader workers, recreate the loader instead (workers hold their own copy of the dataset).
+    Pickles without open files (the store reopens its memory maps in each worker).
+    """
+
+    def __init__(self, store: SequenceStore, tokenizer: ProteinTokenizer, masker: T5Masker, epoch: int = 0):
+        self.store, self.tok, self.masker, self.epoch = store, tokenizer, masker, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int) -> T5Sample:
+        ids = self.tok.encode_residues(self.store.sequence(index))
+        return self.masker(ids, index, self.epoch)

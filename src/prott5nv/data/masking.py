@@ -1,0 +1,170 @@
+"""T5 span corruption as ProtT5nv was pretrained (SPEC.md §2, reference/nemo.md §6), plus collation.
+
+A sample is cut to ``seq_length - 2`` tokens; ``max(1, round(masked_lm_prob * L))`` of them are masked,
+as single-token spans (ProtT5nv) or as spans of mean length ``mean_span_length`` (the T5 paper's random
+segmentation: noise and non-noise runs alternate, their lengths random partitions). Spans are numbered
+in position order; span ``i`` becomes sentinel ``i`` in the encoder input, and the target is
+``sentinel_0 span_0 sentinel_1 span_1 ...``. Decoder input = decoder start + target; labels =
+target + EOS. Each sample's randomness comes from ``numpy.random.default_rng((seed, epoch, index))``,
+so a sample is the same whichever worker or rank builds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..tokenizer import ProteinTokenizer
+
+
+@dataclass(frozen=True)
+class T5Sample:
+    """One masked sample, unpadded (int64 arrays)."""
+
+    text_enc: np.ndarray  # encoder input: tokens with spans replaced by sentinels
+    text_dec: np.ndarray  # decoder input: decoder start + target
+    labels: np.ndarray  # target + EOS
+
+
+class T5Masker:
+    """Builds :class:`T5Sample` from token ids, deterministically per (seed, epoch, index)."""
+
+    def __init__(
+        self,
+        tokenizer: ProteinTokenizer,
+        seq_length: int = 512,
+        seq_length_dec: int = 256,
+        masked_lm_prob: float = 0.15,
+        mean_span_length: float = 1.0,
+        seed: int = 0,
+    ):
+        if not tokenizer.has_distinct_sentinels:
+            raise ConfigError(
+                "the tokenizer's sentinels are collapsed onto one id: T5 span corruption could not be "
+                "undone (use a tokenizer with distinct sentinels, ids 32-127)"
+            )
+        if not 0 < masked_lm_prob < 1:
+            raise ConfigError(f"masked_lm_prob {masked_lm_prob} must be in (0, 1)")
+        if mean_span_length < 1:
+            raise ConfigError(f"mean_span_length {mean_span_length} must be at least 1")
+        self.tok = tokenizer
+        self.seq_length, self.seq_length_dec = seq_length, seq_length_dec
+        self.masked_lm_prob, self.mean_span_length, self.seed = masked_lm_prob, mean_span_length, seed
+        self.max_tokens = seq_length - 2
+        most = self.num_masked(self.max_tokens)
+        spans = most if mean_span_length == 1 else self._num_spans(most, self.max_tokens)
+        if spans > len(tokenizer.sentinel_ids):
+            raise ConfigError(
+                f"up to {spans} spans per sample (seq_length {seq_length}, masked_lm_prob {masked_lm_prob}) "
+                f"but the tokenizer has only {len(tokenizer.sentinel_ids)} sentinels"
+            )
+        need = most + spans + 1
+        if seq_length_dec < need:
+            raise ConfigError(
+                f"seq_length_dec {seq_length_dec} is too short: a sample of {self.max_tokens} tokens with "
+                f"masked_lm_prob {masked_lm_prob} has up to {most} masked tokens in {spans} spans, so the "
+                f"decoder needs {need} positions (masked + sentinels + BOS/EOS)"
+            )
+        self.decoder_start_id = tokenizer.decoder_start_id if tokenizer.bos_id is None else tokenizer.bos_id
+
+    def num_masked(self, length: int) -> int:
+        """How many tokens of a sample of `length` tokens are masked (NeMo: ``max(1, round(p * L))``)."""
+        return max(1, int(round(self.masked_lm_prob * length)))
+
+    def _num_spans(self, masked: int, length: int) -> int:
+        spans = max(1, int(round(masked / self.mean_span_length)))
+        return max(1, min(spans, masked, length - masked)) if length > masked else 1
+
+    def span_starts_and_lengths(
+        self, length: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted start positions and lengths of the masked spans in a sample of `length` tokens."""
+        masked = self.num_masked(length)
+        if self.mean_span_length == 1:
+            starts = np.sort(rng.choice(length, masked, replace=False))
+            return starts, np.ones(masked, np.int64)
+        spans = self._num_spans(masked, length)
+        noise = _random_partition(masked, spans, rng)
+        gaps = _random_partition(length - masked, spans, rng)  # unmasked run before each span
+        starts = np.cumsum(gaps) + np.concatenate([[0], np.cumsum(noise)[:-1]])
+        return starts.astype(np.int64), noise
+
+    def __call__(self, ids: np.ndarray, index: int, epoch: int = 0) -> T5Sample:
+        """Mask the token ids of one sequence (residue ids only, no specials)."""
+        tokens = np.asarray(ids, dtype=np.int64)[: self.max_tokens]
+        rng = np.random.default_rng((self.seed, epoch, index))
+        starts, lengths = self.span_starts_and_lengths(len(tokens), rng)
+        sentinels = np.asarray(self.tok.sentinel_ids[: len(starts)], np.int64)
+        masked = np.zeros(len(tokens), bool)
+        first = np.zeros(len(tokens), bool)
+        first[starts] = True
+        span_of = np.repeat(np.arange(len(starts)), lengths)
+        masked_pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        masked[masked_pos] = True
+        enc = tokens.copy()
+        enc[starts] = sentinels
+        enc = enc[~masked | first]
+        if self.tok.add_eos:
+            enc = np.append(enc, self.tok.eos_id)
+        # target: sentinel_i followed by span_i's tokens
+        target = np.empty(len(masked_pos) + len(starts), np.int64)
+        slot = np.arange(len(masked_pos)) + span_of + 1  # each span's tokens follow its sentinel
+        target[slot] = tokens[masked_pos]
+        target[np.concatenate([[0], np.cumsum(lengths)[:-1]]) + np.arange(len(starts))] = sentinels
+        dec = np.concatenate([[self.decoder_start_id], target])
+        labels = np.concatenate([target, [self.tok.eos_id]])
+        return T5Sample(text_enc=enc, text_dec=dec, labels=labels)
+
+
+def _random_partition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """`total` split into `parts` positive integers, uniformly over all such partitions."""
+    if parts <= 1 or total <= 1:
+        return np.array([total], np.int64)
+    cuts = np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total]])).astype(np.int64)
+
+
+def collate_t5(
+    samples: Sequence[T5Sample],
+    pad_id: int,
+    seq_length: int | None = None,
+    seq_length_dec: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Stack samples into padded tensors with NeMo's names (``text_enc``, ``text_dec``, ``labels``,
+    ``loss_mask``, ``enc_mask``, ``dec_mask``). Without lengths, pads to the longest sample of the batch
+    (dynamic padding); with them, to fixed lengths (refusing samples that do not fit)."""
+    enc_len = max(len(s.text_enc) for s in samples)
+    dec_len = max(len(s.text_dec) for s in samples)
+    if seq_length is not None:
+        if enc_len > seq_length:
+            raise ConfigError(f"a sample has {enc_len} encoder tokens, more than seq_length {seq_length}")
+        enc_len = seq_length
+    if seq_length_dec is not None:
+        if dec_len > seq_length_dec:
+            raise ConfigError(
+                f"a sample has {dec_len} decoder tokens, more than seq_length_dec {seq_length_dec}"
+            )
+        dec_len = seq_length_dec
+    b = len(samples)
+    text_enc = np.full((b, enc_len), pad_id, np.int64)
+    text_dec = np.full((b, dec_len), pad_id, np.int64)
+    labels = np.full((b, dec_len), pad_id, np.int64)
+    loss_mask = np.zeros((b, dec_len), np.int64)
+    for i, s in enumerate(samples):
+        text_enc[i, : len(s.text_enc)] = s.text_enc
+        text_dec[i, : len(s.text_dec)] = s.text_dec
+        labels[i, : len(s.labels)] = s.labels
+        loss_mask[i, : len(s.labels)] = 1
+    out = {
+        "text_enc": torch.from_numpy(text_enc),
+        "text_dec": torch.from_numpy(text_dec),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(loss_mask),
+    }
+    out["enc_mask"] = out["text_enc"] != pad_id
+    out["dec_mask"] = out["loss_mask"].bool()
+    return out
