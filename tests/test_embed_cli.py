@@ -9,12 +9,11 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from conftest import PROTEOME, SAMPLE_FASTA
 
 import prott5nv
 from prott5nv.cli import main
 from prott5nv.fasta import write_fasta
-
-from conftest import PROTEOME, SAMPLE_FASTA
 
 
 def run_cli(*args: str) -> int:
@@ -81,7 +80,10 @@ def _bad(tmp_path, text: str | bytes) -> tuple[int, str, list[str]]:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (">sp|P1|\nMKTAYIAK\n>sp|P2|\nMKT1AYIAK\n", "bad.fasta:3, record 'sp|P2|': invalid character '1' at position 4"),
+        (
+            ">sp|P1|\nMKTAYIAK\n>sp|P2|\nMKT1AYIAK\n",
+            "bad.fasta:3, record 'sp|P2|': invalid character '1' at position 4",
+        ),
         (">sp|P1|\nMKTAYIAK\n>sp|P2|\n\n>sp|P3|\nMKT\n", "bad.fasta:3, record 'sp|P2|': empty sequence"),
         ("", "bad.fasta: no FASTA records found"),
         ("\n\n", "bad.fasta: no FASTA records found"),

@@ -108,7 +108,8 @@ class ProtT5nv:
         out = [self.tokenizer.encode(s, rid, policy) for s, rid in zip(seqs, names, strict=True)]
         limit = self.config.max_length
         if limit is not None:
-            long = [(n, len(t) - self.tokenizer.num_special_suffix) for n, t in zip(names, out) if len(t) > limit]
+            suffix = self.tokenizer.num_special_suffix
+            long = [(n, len(t) - suffix) for n, t in zip(names, out, strict=True) if len(t) > limit]
             if long:
                 listed = ", ".join(f"{n} ({length})" for n, length in long[:10])
                 raise SequenceTooLongError(
