@@ -12,11 +12,13 @@ Loading never executes code. :func:`load_checkpoint` also accepts bundled model 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,35 +90,20 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read JSON: {exc}") from None
 
 
-def save_pretrained(
-    model: T5Model,
-    tokenizer: ProteinTokenizer,
-    path: str | os.PathLike,
-    *,
-    dtype: torch.dtype | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write `model` and `tokenizer` as a native checkpoint directory, atomically (temp dir + rename).
-    `dtype` converts floating weights (e.g. bfloat16 to halve the size)."""
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it replaces `path` (rename), on error it is
+    removed. Readers never see a half-written directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    _umask = os.umask(0)
-    os.umask(_umask)
-    tmp.chmod(0o777 & ~_umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
     try:
-        state = {
-            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-            for k, v in model.state_dict().items()
-        }
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
-        if extra:
-            config["extra"] = extra
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict(), indent=1) + "\n")
+        yield tmp
         for f in tmp.iterdir():
-            f.chmod(0o666 & ~_umask)
+            f.chmod(0o666 & ~umask)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -127,7 +114,42 @@ def save_pretrained(
             tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+
+def write_native(
+    model: T5Model,
+    tokenizer: ProteinTokenizer,
+    directory: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the three files of a native checkpoint into an existing `directory` (not atomic)."""
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    if extra:
+        config["extra"] = extra
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict(), indent=1) + "\n")
+
+
+def save_pretrained(
+    model: T5Model,
+    tokenizer: ProteinTokenizer,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` and `tokenizer` as a native checkpoint directory, atomically (temp dir + rename).
+    `dtype` converts floating weights (e.g. bfloat16 to halve the size)."""
+    with atomic_directory(path) as tmp:
+        write_native(model, tokenizer, tmp, dtype=dtype, extra=extra)
+    return Path(path)
 
 
 def load_native(path: Path) -> tuple[T5Model, ProteinTokenizer]:
