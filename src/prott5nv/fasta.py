@@ -192,6 +192,8 @@ class FastaReader:
                         f"{name}:{base + i - 1}: not FASTA: expected a '>' header line before any sequence"
                     )
         ids, descs, bodies = parts[1::3], parts[2::3], parts[3::3]
+        if not bodies:
+            return FastaBlock([], [], [], [])
         newlines = np.fromiter(map(bytes.count, bodies, repeat(b"\n")), np.int64, len(bodies))
         starts = np.empty(len(bodies), np.int64)
         starts[:1] = base + pre.count(b"\n")

@@ -1,0 +1,184 @@
+"""FASTA reading on real files: plain/gzip, layout variants, block boundaries, exact error texts."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from prott5nv import fasta
+from prott5nv.errors import FastaFormatError, InvalidSequenceError
+from prott5nv.fasta import FastaReader, read_fasta
+from prott5nv.sequence import SequencePolicy
+
+
+def plain_parse(path: Path) -> list[tuple[str, str, int]]:
+    """(id, sequence, header line) by a naive line loop: the independent reference."""
+    out: list[tuple[str, str, int]] = []
+    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
+    with opener(path, "rt") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if line.startswith(">"):
+                out.append((line[1:].split()[0], "", n))
+            elif line:
+                rid, seq, at = out[-1]
+                out[-1] = (rid, seq + line.upper(), at)
+    return [(rid, seq.removesuffix("*"), at) for rid, seq, at in out]
+
+
+def records(path: Path, **kw) -> list[tuple[str, str, int]]:
+    return [(r.id, r.sequence, r.line) for r in read_fasta(path, **kw)]
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_records(swissprot_2k: Path) -> list[tuple[str, str, int]]:
+    return plain_parse(swissprot_2k)[:20]
+
+
+def test_plain_swissprot_matches_naive_parse(swissprot_2k: Path) -> None:
+    got = records(swissprot_2k)
+    assert len(got) == 2000
+    assert got == plain_parse(swissprot_2k)
+    assert got[0][0] == "sp|Q6J1Z5|"
+
+
+def test_gzip_detected_by_content_not_name(swissprot_2k: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "no_gz_suffix.fa"
+    packed.write_bytes(gzip.compress(swissprot_2k.read_bytes()))
+    assert records(packed) == records(swissprot_2k)
+
+
+def test_prodigal_proteome_stops_removed(shared_data: Path) -> None:
+    path = shared_data / "proteome_HG003687.faa"
+    got = list(read_fasta(path))
+    assert len(got) == 2100
+    assert [(r.id, r.sequence, r.line) for r in got] == plain_parse(path)
+    assert not any(r.sequence.endswith("*") for r in got)
+    text = path.read_text()
+    assert text.count("*") == sum(raw.rstrip().endswith("*") for raw in text.split(">")) == 2099  # 1 partial
+    assert got[0].id == "938293.PRJEB85.HG003688_1"
+    assert got[0].description.startswith("# 204 # 629 # -1 # ID=1_1;")
+
+
+def test_crlf_blank_lines_lowercase_and_spaces(first_records, tmp_path: Path) -> None:
+    text = "".join(
+        f"\r\n>{rid} some description\r\n\r\n{seq[:40].lower()}\r\n{seq[40:]}  \r\n\r\n"
+        for rid, seq, _ in first_records
+    )
+    got = records(write(tmp_path / "win.fa", text))
+    assert [(r, s) for r, s, _ in got] == [(r, s) for r, s, _ in first_records]
+    assert [line for *_, line in got] == [2 + 6 * i for i in range(len(first_records))]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_block_boundaries_anywhere(swissprot_2k: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    head = b">".join(swissprot_2k.read_bytes().split(b">")[:60])  # 59 records
+    path = swissprot_2k.parent / f"head_{chunk}.fa"
+    path.write_bytes(head)
+    expected = plain_parse(path)
+    monkeypatch.setattr(fasta, "_CHUNK", chunk)
+    assert records(path) == expected
+
+
+def test_uniref_header_keeps_accession(first_records, tmp_path: Path) -> None:
+    (_, seq0, _), (_, seq1, _) = first_records[:2]
+    text = (
+        f">UniRef50_Q6J1Z5 Uncharacterized protein n=2 Tax=Bacteria TaxID=2 RepID=Q6J1Z5_9BACT\n{seq0}\n"
+        f">UniRef50_A0A0B4 Protein n=1 Tax=Homo sapiens TaxID=9606 RepID=A0A0B4_HUMAN\n{seq1}\n"
+    )
+    got = list(read_fasta(write(tmp_path / "uniref.fa", text)))
+    assert [r.id for r in got] == ["UniRef50_Q6J1Z5", "UniRef50_A0A0B4"]
+    assert got[0].description == "Uncharacterized protein n=2 Tax=Bacteria TaxID=2 RepID=Q6J1Z5_9BACT"
+    assert [r.sequence for r in got] == [seq0, seq1]
+
+
+def test_comment_lines_and_blank_id_prefix(first_records, tmp_path: Path) -> None:
+    (rid, seq, _) = first_records[0]
+    got = records(write(tmp_path / "c.fa", f";old comment\n\n>  {rid} x\n{seq}\n"))
+    assert got == [(rid, seq, 3)]
+
+
+def test_sequence_before_header(first_records, tmp_path: Path) -> None:
+    rid, seq, _ = first_records[0]
+    path = write(tmp_path / "nohead.fa", f"\n{seq[:60]}\n>{rid}\n{seq}\n")
+    with pytest.raises(FastaFormatError) as exc:
+        list(read_fasta(path))
+    assert str(exc.value) == f"{path}:2: not FASTA: expected a '>' header line before any sequence"
+
+
+def test_empty_file_and_missing_file(tmp_path: Path) -> None:
+    empty = write(tmp_path / "empty.fa", "\n\n")
+    with pytest.raises(FastaFormatError, match=f"^{empty}: no FASTA records found$"):
+        list(read_fasta(empty))
+    with pytest.raises(FastaFormatError, match="missing.fa: cannot open: No such file or directory"):
+        list(read_fasta(tmp_path / "missing.fa"))
+
+
+def bad_file(first_records, tmp_path: Path, edit) -> tuple[Path, str]:
+    """The first 20 real records with record 5 edited by `edit(seq)`; returns path and record 5's id."""
+    lines = []
+    for i, (rid, seq, _) in enumerate(first_records):
+        lines += [f">{rid}", edit(seq) if i == 5 else seq]
+    return write(tmp_path / "bad.fa", "\n".join(lines) + "\n"), first_records[5][0]
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda s: s[:9] + "J" + s[10:], "unknown residue 'J' (use --unknown-to-x to map unknown letters to X) "
+         "at position 10"),
+        (lambda s: s[:9] + "1" + s[10:], "invalid character '1' at position 10"),
+        (lambda s: s[:9] + "*" + s[10:], "stop symbol '*' inside the sequence (only a single trailing '*' is "
+         "allowed) at position 10"),
+        (lambda s: s[:9] + "-" + s[10:], "alignment gap '-' (use --strip-gaps to remove gaps) at position 10"),
+        (lambda s: "", "empty sequence"),
+        (lambda s: s[:9] + "**", "stop symbol '*' inside the sequence (only a single trailing '*' is allowed) "
+         "at position 10"),
+    ],
+)  # fmt: skip
+def test_bad_record_names_file_line_and_id(first_records, tmp_path: Path, edit, problem: str) -> None:
+    path, rid = bad_file(first_records, tmp_path, edit)
+    with pytest.raises(InvalidSequenceError) as exc:
+        list(read_fasta(path))
+    assert str(exc.value) == f"{path}:11, record '{rid}': {problem}"
+    reader = FastaReader(path, skip_invalid=True)
+    got = [r.id for r in reader]
+    assert got == [r for i, (r, _, _) in enumerate(first_records) if i != 5]
+    assert reader.skipped == 1 and reader.records == 19
+    assert reader.skipped_messages == [str(exc.value)]
+
+
+def test_duplicate_id_and_missing_id(first_records, tmp_path: Path) -> None:
+    (a, sa, _), (_, sb, _) = first_records[:2]
+    path = write(tmp_path / "dup.fa", f">{a}\n{sa}\n>{a}\n{sb}\n")
+    with pytest.raises(InvalidSequenceError) as exc:
+        list(read_fasta(path))
+    assert str(exc.value) == f"{path}:3: record '{a}': duplicate id"
+    assert [r.sequence for r in read_fasta(path, check_duplicates=False)] == [sa, sb]
+    path = write(tmp_path / "noid.fa", f">\n{sa}\n>{a}\n{sb}\n")
+    with pytest.raises(InvalidSequenceError, match=f"^{path}:1: header without an id$"):
+        list(read_fasta(path))
+    reader = FastaReader(path, skip_invalid=True)
+    assert [(r.id, r.sequence, r.line) for r in reader] == [(a, sb, 3)] and reader.skipped == 1
+
+
+def test_policies_strip_gaps_and_unknown_to_x(first_records, tmp_path: Path) -> None:
+    rid, seq, _ = first_records[0]
+    path = write(tmp_path / "gaps.fa", f">{rid}\n{seq[:10]}--{seq[10:20]}.j{seq[20:]}\n")
+    got = next(read_fasta(path, SequencePolicy(strip_gaps=True, unknown_to_x=True)))
+    assert got.sequence == seq[:20] + "X" + seq[20:]
+
+
+def test_on_read_sees_raw_bytes(swissprot_2k: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "p.fa.gz"
+    packed.write_bytes(gzip.compress(swissprot_2k.read_bytes()))
+    seen: list[bytes] = []
+    n = sum(1 for _ in FastaReader(packed, on_read=seen.append))
+    assert n == 2000 and b"".join(seen) == packed.read_bytes()
