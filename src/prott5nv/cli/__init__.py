@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..errors import ProtT5nvError
 
 #: Command modules under prott5nv.cli, in the order `--help` lists them.
-COMMANDS = ("embed", "info")
+COMMANDS = ("convert", "embed", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

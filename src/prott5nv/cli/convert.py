@@ -1,0 +1,49 @@
+"""`prott5nv convert SRC DST [--to native|hf] [--dtype ...]`: change a checkpoint's format.
+
+SRC is anything :func:`~prott5nv.checkpoint.load_checkpoint` reads (bundled name, native directory,
+``.nemo`` archive, HF T5 directory); DST is written atomically as a native or an HF T5 directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..api import DTYPES
+from ..checkpoint import load_checkpoint, save_pretrained
+from ..errors import CheckpointError
+from ..interop.hf import save_hf
+
+log = logging.getLogger(__name__)
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint between native, .nemo (read only) and HF T5 formats",
+        description="SRC: a bundled model name, a native checkpoint directory, a .nemo archive or an HF T5 "
+        "directory. DST: the directory to write (atomically). Megatron-family models (ProtT5nv, .nemo) "
+        "can only be written in the native format.",
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", type=Path)
+    p.add_argument("--to", choices=("native", "hf"), default="native", help="output format (default: native)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="convert the weights (default: keep fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    dst: Path = args.dst
+    if dst.exists() and not args.overwrite:
+        raise CheckpointError(f"{dst} already exists (use --overwrite to replace it)")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst} exists and is not a directory")
+    model, tokenizer = load_checkpoint(args.src)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.to == "hf":
+        save_hf(model, tokenizer, dst, dtype=dtype)
+    else:
+        save_pretrained(model, tokenizer, dst, dtype=dtype, extra={"converted_from": str(args.src)})
+    log.info("wrote %s checkpoint %s (%s parameters)", args.to, dst, f"{model.num_parameters():,}")
+    return 0
