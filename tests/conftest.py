@@ -38,3 +38,52 @@ def tiny_model() -> ProtT5nv:
     """A `tiny` megatron-family model with fixed random weights (seed 1234), eval mode, fp32."""
     torch.manual_seed(1234)
     return ProtT5nv(T5Model(preset("tiny")).eval(), ProteinTokenizer())
+
+
+# ---- data pipeline (issue 3): the full real files in ../shared/data ----
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's real data files (see shared/data/README.md)."""
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def swissprot_2k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 2,000 records of swissprot_dev_100k.fasta.gz, copied verbatim (plain text)."""
+    import gzip
+
+    out = tmp_path_factory.mktemp("swissprot") / "swissprot_2k.fasta"
+    records = 0
+    with gzip.open(shared_data / "swissprot_dev_100k.fasta.gz", "rb") as src, open(out, "wb") as dst:
+        for line in src:
+            if line.startswith(b">"):
+                records += 1
+                if records > 2000:
+                    break
+            dst.write(line)
+    return out
+
+
+def _naive_fasta(path: Path) -> list[tuple[str, str, int]]:
+    """(id, sequence, header line) by a plain line loop, independent of prott5nv.fasta."""
+    import gzip
+
+    out: list[tuple[str, str, int]] = []
+    with (gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open)(path, "rt") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if line.startswith(">"):
+                out.append((line[1:].split()[0], "", n))
+            elif line:
+                rid, seq, at = out[-1]
+                out[-1] = (rid, seq + line.upper(), at)
+    return [(rid, seq.removesuffix("*"), at) for rid, seq, at in out]
+
+
+@pytest.fixture(scope="session")
+def naive_fasta():
+    """A reference FASTA parser for checking counts and contents independently."""
+    return _naive_fasta

@@ -13,21 +13,6 @@ from prott5nv.fasta import FastaReader, read_fasta
 from prott5nv.sequence import SequencePolicy
 
 
-def plain_parse(path: Path) -> list[tuple[str, str, int]]:
-    """(id, sequence, header line) by a naive line loop: the independent reference."""
-    out: list[tuple[str, str, int]] = []
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
-    with opener(path, "rt") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if line.startswith(">"):
-                out.append((line[1:].split()[0], "", n))
-            elif line:
-                rid, seq, at = out[-1]
-                out[-1] = (rid, seq + line.upper(), at)
-    return [(rid, seq.removesuffix("*"), at) for rid, seq, at in out]
-
-
 def records(path: Path, **kw) -> list[tuple[str, str, int]]:
     return [(r.id, r.sequence, r.line) for r in read_fasta(path, **kw)]
 
@@ -37,12 +22,17 @@ def write(path: Path, text: str | bytes) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def plain_parse(naive_fasta):
+    return naive_fasta
+
+
 @pytest.fixture(scope="module")
-def first_records(swissprot_2k: Path) -> list[tuple[str, str, int]]:
-    return plain_parse(swissprot_2k)[:20]
+def first_records(swissprot_2k: Path, naive_fasta) -> list[tuple[str, str, int]]:
+    return naive_fasta(swissprot_2k)[:20]
 
 
-def test_plain_swissprot_matches_naive_parse(swissprot_2k: Path) -> None:
+def test_plain_swissprot_matches_naive_parse(plain_parse, swissprot_2k: Path) -> None:
     got = records(swissprot_2k)
     assert len(got) == 2000
     assert got == plain_parse(swissprot_2k)
@@ -55,7 +45,7 @@ def test_gzip_detected_by_content_not_name(swissprot_2k: Path, tmp_path: Path) -
     assert records(packed) == records(swissprot_2k)
 
 
-def test_prodigal_proteome_stops_removed(shared_data: Path) -> None:
+def test_prodigal_proteome_stops_removed(plain_parse, shared_data: Path) -> None:
     path = shared_data / "proteome_HG003687.faa"
     got = list(read_fasta(path))
     assert len(got) == 2100
@@ -78,7 +68,9 @@ def test_crlf_blank_lines_lowercase_and_spaces(first_records, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_block_boundaries_anywhere(swissprot_2k: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+def test_block_boundaries_anywhere(
+    plain_parse, swissprot_2k: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
     head = b">".join(swissprot_2k.read_bytes().split(b">")[:60])  # 59 records
     path = swissprot_2k.parent / f"head_{chunk}.fa"
     path.write_bytes(head)
