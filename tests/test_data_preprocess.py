@@ -129,7 +129,7 @@ def test_interrupted_run_leaves_nothing_loadable(inputs, tmp_path, monkeypatch) 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pp, "_copy_splits", boom)
+    monkeypatch.setattr(pp, "_write_splits", boom)
     with pytest.raises(KeyboardInterrupt):
         preprocess(inputs, tmp_path / "data", CFG)
     assert list(tmp_path.iterdir()) == []

@@ -1,11 +1,12 @@
 """`prott5nv preprocess`: FASTA files -> filtered, de-duplicated, split, memory-mapped stores.
 
-One streaming parse writes every record that passes the length filter to a scratch store (with its
-source line); the duplicate checks and the random split then work on small per-record arrays; one
-copy pass moves the records into their split stores, in file order. Memory: a few MiB of blocks plus
-O(records) arrays of 8-byte values (lengths, 64-bit hashes for duplicate ids and -- with `dedup` --
-sequences, split labels): about 25 bytes per record, 1.2 GB for 50M records; it does not grow with the
-residues. Hash matches are confirmed on the stored bytes, so de-duplication is exact.
+One streaming parse writes every record that passes the length filter, in file order, to
+``sequences/`` (see :mod:`prott5nv.data.store`); the duplicate checks and the random split then work on
+per-record arrays, and each split is written as the sorted record numbers it owns -- no residue is
+copied twice. Memory: a few blocks of 8 MiB plus O(records) arrays of 8-byte values (lengths, 64-bit
+hashes of ids and -- with `dedup` -- of sequences, the sort order of one of them): about 30 bytes per
+record, ~1.5 GB for 50M records, independent of the residues. Hash matches are confirmed on the stored
+bytes, so de-duplication is exact; records dropped as duplicates stay in ``sequences/`` unreferenced.
 
 Everything is built in a hidden sibling directory and renamed into place at the end; a run that stops
 early leaves no ``manifest.json`` in the target, and :func:`~prott5nv.data.store.load_manifest` refuses it.
@@ -31,13 +32,13 @@ import numpy as np
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import FastaReader
 from ..sequence import DEFAULT_POLICY, SequencePolicy
-from .store import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, SequenceStore, StoreWriter, _Int64Spool
+from .store import FORMAT, FORMAT_VERSION, MANIFEST, SEQUENCES, SPLITS, SequenceStore, StoreWriter, _Int64Spool
 
 log = logging.getLogger(__name__)
 
 HIST_BIN = 32  # length histogram: bins of 32 residues up to HIST_MAX, then one bin for longer
 HIST_MAX = 1024
-_COPY_BYTES = 64 << 20  # residues per block in the split copy pass
+_CHUNK_RECORDS = 1 << 22  # records per step when writing the split indexes
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,13 @@ def _build(
     paths: list[Path], tmp: Path, cfg: PreprocessConfig, progress: Callable[[int], None] | None
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    scratch = StoreWriter(tmp / "_all")
-    lines = _Int64Spool(tmp / "_all" / "lines.tmp")
-    files = _Int64Spool(tmp / "_all" / "files.tmp")
-    id_hash = _Int64Spool(tmp / "_all" / "id_hash.tmp")
-    seq_hash = _Int64Spool(tmp / "_all" / "seq_hash.tmp")
+    scratch = StoreWriter(tmp / SEQUENCES)
+    work = tmp / "_work"
+    work.mkdir()
+    lines = _Int64Spool(work / "lines")
+    files = _Int64Spool(work / "files")
+    id_hash = _Int64Spool(work / "id_hash")
+    seq_hash = _Int64Spool(work / "seq_hash")
     max_len = cfg.max_length if cfg.max_length is not None else np.iinfo(np.int64).max
     counts = {"records": 0, "invalid": 0, "too_long": 0, "too_short": 0, "duplicate_ids": 0, "duplicates": 0}
     sources = []
@@ -189,7 +192,7 @@ def _build(
         )  # fmt: skip
     scratch.close()
     t_parse = time.perf_counter() - t0
-    everything = SequenceStore(tmp / "_all")
+    everything = SequenceStore(tmp / SEQUENCES)
     n_all = len(everything)
     keep = np.ones(n_all, bool)
     line_of, file_of = lines.close(), files.close()
@@ -237,8 +240,9 @@ def _build(
     labels[kept[chosen[n_val:]]] = 2
     del kept, chosen, keep
 
-    splits = _copy_splits(everything, labels, tmp)
-    shutil.rmtree(tmp / "_all")
+    splits = _write_splits(everything.lengths, labels, tmp)
+    del line_of, file_of
+    shutil.rmtree(work)
     elapsed = time.perf_counter() - t0
     settings = asdict(cfg)
     settings.pop("overwrite")
@@ -250,52 +254,40 @@ def _build(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings,
         "sources": sources,
-        "counts": {**counts, "kept": n_keep},
+        "counts": {**counts, "kept": n_keep, "stored": n_all},
         "splits": splits,
         "skipped_messages": skipped_messages,
         "seconds": round(elapsed, 3),
     }
 
 
-def _copy_splits(everything: SequenceStore, labels: np.ndarray, tmp: Path) -> dict[str, dict[str, Any]]:
-    """Copy each record of the scratch store into the store of its split (-1: dropped), in file order."""
-    m = everything._open()
-    offsets, id_offsets = np.asarray(m["offsets"]), np.asarray(m["id_offsets"])
-    writers = {name: StoreWriter(tmp / name) for name in SPLITS}
-    spans: dict[str, list[tuple[int, int]]] = {name: [] for name in SPLITS}
-    hist = {name: np.zeros(HIST_MAX // HIST_BIN + 1, np.int64) for name in SPLITS}
-    n = len(everything)
-    a = 0
-    while a < n:
-        b = int(np.searchsorted(offsets, offsets[a] + _COPY_BYTES, side="right")) - 1
-        b = min(max(b, a + 1), n)
-        lab = labels[a:b]
-        lengths = np.diff(offsets[a : b + 1]) - 1
-        id_lengths = np.diff(id_offsets[a : b + 1]) - 1
-        res = np.asarray(m["residues"][offsets[a] : offsets[b]])
-        ids = np.asarray(m["ids"][id_offsets[a] : id_offsets[b]])
-        res_lab = np.repeat(lab, lengths + 1)
-        id_lab = np.repeat(lab, id_lengths + 1)
-        for code, name in enumerate(SPLITS):
-            sel = lab == code
-            if not sel.any():
+def _write_splits(lengths: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, dict[str, Any]]:
+    """Write ``{split}.npy`` (sorted record numbers; label -1 = dropped) and each split's statistics."""
+    result = {}
+    edges = HIST_MAX // HIST_BIN
+    for code, name in enumerate(SPLITS):
+        count = int((labels == code).sum())
+        index = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=np.int64, shape=(count,))
+        hist = np.zeros(edges + 1, np.int64)
+        done = residues = 0
+        low, high = np.iinfo(np.int64).max, 0
+        for a in range(0, len(labels), _CHUNK_RECORDS):
+            rows = np.flatnonzero(labels[a : a + _CHUNK_RECORDS] == code) + a
+            if not len(rows):
                 continue
-            writers[name].add_raw(res[res_lab == code], lengths[sel], ids[id_lab == code], id_lengths[sel])
-            hist[name] += np.bincount(
-                np.minimum(lengths[sel] // HIST_BIN, HIST_MAX // HIST_BIN), minlength=len(hist[name])
-            )
-            spans[name].append((int(lengths[sel].min()), int(lengths[sel].max())))
-        a = b
-    out = {}
-    for name, writer in writers.items():
-        count, residues = writer.close()
-        out[name] = {
+            index[done : done + len(rows)] = rows
+            done += len(rows)
+            sizes = lengths[rows]
+            residues += int(sizes.sum())
+            low, high = min(low, int(sizes.min())), max(high, int(sizes.max()))
+            hist += np.bincount(np.minimum(sizes // HIST_BIN, edges), minlength=edges + 1)
+        index.flush()
+        del index
+        result[name] = {
             "sequences": count,
             "residues": residues,
-            "min_length": min((s[0] for s in spans[name]), default=0),
-            "max_length": max((s[1] for s in spans[name]), default=0),
-            "length_histogram": {
-                "bin_width": HIST_BIN, "last_bin_from": HIST_MAX, "counts": hist[name].tolist()
-            },
+            "min_length": low if count else 0,
+            "max_length": high,
+            "length_histogram": {"bin_width": HIST_BIN, "last_bin_from": HIST_MAX, "counts": hist.tolist()},
         }
-    return out
+    return result

@@ -1,15 +1,17 @@
 """The on-disk sequence store written by `prott5nv preprocess` and read by training.
 
 A data directory holds ``manifest.json`` (written last: a directory without a complete manifest is not a
-store) and one sub-directory per split. Each split is four flat files:
+store), the records in ``sequences/`` and one index per split, ``{train,val,test}.npy``: the sorted
+record numbers (int64) of that split. ``sequences/`` is four flat files:
 
-- ``residues.bin``: the upper-case residue letters of every sequence, each followed by ``\\n`` (so the file
-  is also one sequence per line); ``offsets.npy``: int64, ``n + 1`` entries, sequence ``i`` is
-  ``residues[offsets[i] : offsets[i + 1] - 1]``;
+- ``residues.bin``: the upper-case residue letters of every record, each followed by ``\\n`` (so the file
+  is also one sequence per line); ``offsets.npy``: int64, ``n + 1`` entries, record ``r`` is
+  ``residues[offsets[r] : offsets[r + 1] - 1]``;
 - ``ids.bin`` / ``id_offsets.npy``: the record ids, laid out the same way.
 
-The files are memory-mapped on first use, so random access is O(1) and a store pickles as its path only:
-DataLoader workers each reopen it lazily.
+Splits index one shared buffer so that preprocessing writes each residue once (no copy per split).
+The files are memory-mapped on first use, so random access is O(1) and a store pickles as its paths
+only: DataLoader workers each reopen it lazily.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ MANIFEST = "manifest.json"
 FORMAT = "prott5nv-sequence-store"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+SEQUENCES = "sequences"  # the directory holding every stored record; splits index into it
 _BLOCK = 1 << 20  # entries per chunk when converting lengths to offsets
 
 
@@ -99,15 +102,6 @@ class StoreWriter:
         self._id_lengths.append(np.fromiter(map(len, ids), np.int64, len(ids)))
         return lengths
 
-    def add_raw(
-        self, residues: np.ndarray, lengths: np.ndarray, ids: np.ndarray, id_lengths: np.ndarray
-    ) -> None:
-        """Append records already laid out as in the store (items each followed by ``\\n``)."""
-        self._res.write(residues.tobytes())
-        self._ids.write(ids.tobytes())
-        self._lengths.append(lengths)
-        self._id_lengths.append(id_lengths)
-
     def close(self) -> tuple[int, int]:
         """Finish the files; returns (sequences, residues)."""
         self._res.close()
@@ -127,16 +121,18 @@ class StoreWriter:
 
 
 class SequenceStore:
-    """Random access to the sequences of one split directory (see the module docstring).
+    """Random access to the sequences of a store directory, or -- with `records` -- of one split: a
+    sorted int64 array (``.npy``) of record numbers into that directory (see the module docstring).
 
     Open files are never pickled: a copy sent to a DataLoader worker maps the files again on first use.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, records: str | os.PathLike | None = None):
         self.dir = Path(directory)
+        self.records_path = Path(records) if records is not None else None
         self._maps: dict[str, np.ndarray] | None = None
-        offsets = self._open()["offsets"]
-        self._len = len(offsets) - 1
+        m = self._open()
+        self._len = len(m["records"]) if "records" in m else len(m["offsets"]) - 1
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike, split: str = "train") -> SequenceStore:
@@ -144,12 +140,12 @@ class SequenceStore:
         manifest = load_manifest(data_dir)
         if split not in manifest["splits"]:
             raise StoreError(f"{data_dir}: no split {split!r} (have {', '.join(manifest['splits'])})")
-        store = cls(Path(data_dir) / split)
+        store = cls(Path(data_dir) / SEQUENCES, Path(data_dir) / f"{split}.npy")
         expected = manifest["splits"][split]
         if len(store) != expected["sequences"] or store.total_residues != expected["residues"]:
             raise StoreError(
-                f"{store.dir}: holds {len(store)} sequences / {store.total_residues} residues but the "
-                f"manifest says {expected['sequences']} / {expected['residues']}; the store is damaged"
+                f"{data_dir}: split {split} holds {len(store)} sequences / {store.total_residues} residues but "
+                f"the manifest says {expected['sequences']} / {expected['residues']}; the store is damaged"
             )
         return store
 
@@ -162,46 +158,55 @@ class SequenceStore:
                     "ids": _memmap(self.dir / "ids.bin"),
                     "id_offsets": np.load(self.dir / "id_offsets.npy", mmap_mode="r"),
                 }
+                if self.records_path is not None:
+                    maps["records"] = np.load(self.records_path, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise StoreError(f"{self.dir}: not a readable sequence store ({exc})") from None
             n = len(maps["offsets"])
             if n == 0 or len(maps["id_offsets"]) != n or int(maps["offsets"][-1]) != len(maps["residues"]):
                 raise StoreError(f"{self.dir}: offsets do not match the residue file; the store is damaged")
+            if "records" in maps and len(maps["records"]) and not 0 <= int(maps["records"][-1]) < n - 1:
+                raise StoreError(f"{self.records_path}: record numbers out of range; the store is damaged")
             self._maps = maps
         return self._maps
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"dir": self.dir, "_len": self._len, "_maps": None}
+        return {**self.__dict__, "_maps": None}
 
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, index: int) -> bytes:
-        """Residue letters of sequence `index` (ASCII bytes)."""
-        m = self._open()
+    def _record(self, index: int) -> int:
         if not -self._len <= index < self._len:
             raise IndexError(f"sequence index {index} out of range for a store of {self._len}")
         index %= self._len
-        a, b = m["offsets"][index], m["offsets"][index + 1] - 1
-        return m["residues"][a:b].tobytes()
+        m = self._open()
+        return int(m["records"][index]) if "records" in m else index
+
+    def __getitem__(self, index: int) -> bytes:
+        """Residue letters of sequence `index` (ASCII bytes)."""
+        r = self._record(index)
+        m = self._open()
+        return m["residues"][m["offsets"][r] : m["offsets"][r + 1] - 1].tobytes()
 
     def sequence(self, index: int) -> str:
         return self[index].decode("ascii")
 
     def id(self, index: int) -> str:
+        r = self._record(index)
         m = self._open()
-        index %= self._len
-        a, b = m["id_offsets"][index], m["id_offsets"][index + 1] - 1
-        return m["ids"][a:b].tobytes().decode("utf-8", errors="replace")
+        return m["ids"][m["id_offsets"][r] : m["id_offsets"][r + 1] - 1].tobytes().decode("utf-8", "replace")
 
     @property
     def lengths(self) -> np.ndarray:
         """Sequence lengths (int64 array, read in full)."""
-        return np.diff(np.asarray(self._open()["offsets"])) - 1
+        m = self._open()
+        lengths = np.diff(np.asarray(m["offsets"])) - 1
+        return lengths[np.asarray(m["records"])] if "records" in m else lengths
 
     @property
     def total_residues(self) -> int:
-        return int(self._open()["offsets"][-1]) - self._len
+        return int(self.lengths.sum())
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
