@@ -87,3 +87,36 @@ def _naive_fasta(path: Path) -> list[tuple[str, str, int]]:
 def naive_fasta():
     """A reference FASTA parser for checking counts and contents independently."""
     return _naive_fasta
+
+
+def _spm_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _spm_field(num: int, payload: bytes) -> bytes:
+    return _spm_varint(num << 3 | 2) + _spm_varint(len(payload)) + payload
+
+
+def _spm_model_bytes(pieces) -> bytes:
+    """A SentencePiece ModelProto written by hand (protobuf wire format), independent of the readers under
+    test: piece types unk (id 0), control (ids 1-3), user-defined (`<mask>`), normal (the rest), and a
+    trainer_spec saying CHAR so that the real `sentencepiece` accepts it."""
+    import struct
+
+    out = b""
+    for i, piece in enumerate(pieces):
+        kind = 2 if i == 0 else 3 if i < 4 else 4 if piece == "<mask>" else 1
+        msg = _spm_field(1, piece.encode()) + _spm_varint(2 << 3 | 5) + struct.pack("<f", -float(i))
+        out += _spm_field(1, msg + _spm_varint(3 << 3 | 0) + _spm_varint(kind))
+    return out + _spm_field(2, _spm_varint(3 << 3 | 0) + _spm_varint(4))
+
+
+@pytest.fixture(scope="session")
+def spm_model_bytes():
+    """`spm_model_bytes(pieces) -> bytes`: a SentencePiece `.model` file with these pieces in id order."""
+    return _spm_model_bytes

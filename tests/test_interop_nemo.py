@@ -2,15 +2,15 @@
 
 The writer below knows nothing of prott5nv.interop: it names every tensor the way NeMo's Megatron T5 does
 (SPEC.md §5, reference/nemo.md §1-2), interleaves the fused projections per head, writes a NeMo-style
-``model_config.yaml`` and a SentencePiece ``.model`` protobuf built by hand, and packs them in a tar.
+``model_config.yaml`` and a SentencePiece ``.model`` protobuf built by hand (conftest), and packs them in a tar.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
-import struct
 import tarfile
 import tempfile
 
@@ -32,31 +32,6 @@ VOCAB_NAME = "8f3a_protein_sequence_sentencepiece.vocab"
 
 
 # ----------------------------------------------------------------------------------- the writer
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _len_field(num: int, payload: bytes) -> bytes:
-    return _varint(num << 3 | 2) + _varint(len(payload)) + payload
-
-
-def spm_model_bytes(pieces) -> bytes:
-    """A SentencePiece ModelProto with `pieces` (type: unk/control/user-defined/normal like BioNeMo's)."""
-    out = b""
-    for i, piece in enumerate(pieces):
-        kind = 2 if i == 0 else 3 if i < 4 else 4 if piece == "<mask>" else 1
-        msg = _len_field(1, piece.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", -float(i))
-        msg += _varint(3 << 3 | 0) + _varint(kind)
-        out += _len_field(1, msg)
-    # trainer_spec { model_type: CHAR (4) } so real SentencePiece accepts it too
-    return out + _len_field(2, _varint(3 << 3 | 0) + _varint(4))
-
-
 def megatron_state(model: T5Model, *, qkv_layout: str = "heads", amp_o2: bool = False,
                    decoder_embedding: bool = True, ln_offset: float = 0.0) -> dict[str, torch.Tensor]:
     """NeMo Megatron T5 state dict of a prott5nv megatron-family model.
@@ -148,9 +123,9 @@ def nemo_config(model: T5Model, **overrides) -> dict:
     return d
 
 
-def write_nemo(path, model: T5Model, config: dict | None = None, *, state=None, prefix: str = "./",
-               pieces=PROTT5NV_PIECES, members: dict[str, bytes] | None = None, gz: bool = False,
-               vocab_text: bool = True, spm: bool = True):
+def pack_nemo(path, model: T5Model, config: dict | None = None, *, spm_writer, state=None,
+              prefix: str = "./", pieces=PROTT5NV_PIECES, members: dict[str, bytes] | None = None,
+              gz: bool = False, vocab_text: bool = True, spm: bool = True):
     """Pack a .nemo archive the way NeMo's save_to does (members under ./ in a tar)."""
     config = nemo_config(model) if config is None else config
     state = megatron_state(model) if state is None else state
@@ -158,7 +133,7 @@ def write_nemo(path, model: T5Model, config: dict | None = None, *, state=None, 
     torch.save(state, buf)
     files = {"model_config.yaml": yaml.safe_dump(config).encode(), "model_weights.ckpt": buf.getvalue()}
     if spm:
-        files[SPM_NAME] = spm_model_bytes(pieces)
+        files[SPM_NAME] = spm_writer(pieces)
     if vocab_text:
         files[VOCAB_NAME] = "".join(f"{p}\t{-i}\n" for i, p in enumerate(pieces)).encode()
     files.update(members or {})
@@ -171,6 +146,12 @@ def write_nemo(path, model: T5Model, config: dict | None = None, *, state=None, 
 
 
 # ------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def write_nemo(spm_model_bytes):
+    """:func:`pack_nemo` with conftest's hand-written SentencePiece model writer."""
+    return functools.partial(pack_nemo, spm_writer=spm_model_bytes)
+
+
 def randomized(config) -> T5Model:
     """A megatron model whose every parameter (biases, norm gains too) is random, so that any mix-up of
     tensors -- e.g. two layer norms swapped -- changes the outputs."""
@@ -217,7 +198,7 @@ def assert_same(a: T5Model, b: T5Model, batch, atol: float = 1e-6):
 
 
 # -------------------------------------------------------------------------------------- parity
-def test_load_identical_outputs(tmp_path, source_model, batch, caplog):
+def test_load_identical_outputs(write_nemo, tmp_path, source_model, batch, caplog):
     path = write_nemo(tmp_path / "prott5nv.nemo", source_model)
     with caplog.at_level(logging.INFO, logger="prott5nv.interop.nemo"):
         model, tok = load_nemo(path)
@@ -231,7 +212,7 @@ def test_load_identical_outputs(tmp_path, source_model, batch, caplog):
     assert_same(model, source_model, batch)
 
 
-def test_load_checkpoint_dispatches_and_no_file_is_extracted(tmp_path, source_model, batch, monkeypatch):
+def test_load_checkpoint_dispatches_and_no_file_is_extracted(write_nemo, tmp_path, source_model, batch, monkeypatch):
     path = write_nemo(tmp_path / "m.nemo", source_model)
 
     def refuse(*a, **k):
@@ -247,7 +228,7 @@ def test_load_checkpoint_dispatches_and_no_file_is_extracted(tmp_path, source_mo
     assert_same(model, source_model, batch)
 
 
-def test_wrong_head_layout_changes_numerics(tmp_path, source_model, batch):
+def test_wrong_head_layout_changes_numerics(write_nemo, tmp_path, source_model, batch):
     """[3, heads, hd] rows in a checkpoint that does not declare megatron_legacy load 'fine' but compute
     something else: the per-head interleave is really what the loader undoes."""
     state = megatron_state(source_model, qkv_layout="legacy")
@@ -257,7 +238,7 @@ def test_wrong_head_layout_changes_numerics(tmp_path, source_model, batch):
     assert (enc_a - enc_b).abs().max() > 1e-2 and (logits_a - logits_b).abs().max() > 1e-2
 
 
-def test_megatron_legacy_layout(tmp_path, source_model, batch):
+def test_megatron_legacy_layout(write_nemo, tmp_path, source_model, batch):
     config = nemo_config(source_model, megatron_legacy=True)
     state = megatron_state(source_model, qkv_layout="legacy")
     model, _ = load_nemo(write_nemo(tmp_path / "legacy.nemo", source_model, config, state=state))
@@ -265,7 +246,7 @@ def test_megatron_legacy_layout(tmp_path, source_model, batch):
     assert_same(model, source_model, batch)
 
 
-def test_amp_o2_module_prefix_gzip_and_plain_member_names(tmp_path, source_model, batch):
+def test_amp_o2_module_prefix_gzip_and_plain_member_names(write_nemo, tmp_path, source_model, batch):
     config = nemo_config(source_model, megatron_amp_O2=True)
     state = megatron_state(source_model, amp_o2=True, decoder_embedding=False)
     path = write_nemo(tmp_path / "o2.nemo", source_model, config, state=state, prefix="", gz=True)
@@ -273,7 +254,7 @@ def test_amp_o2_module_prefix_gzip_and_plain_member_names(tmp_path, source_model
     assert_same(model, source_model, batch)
 
 
-def test_new_style_sections_erf_gelu_layernorm1p_and_vocab_file(tmp_path, batch):
+def test_new_style_sections_erf_gelu_layernorm1p_and_vocab_file(write_nemo, tmp_path, batch):
     """Encoder/decoder sections (newer NeMo), unfused exact GELU, layernorm1p gains, the tokenizer from the
     .vocab text, and an encoder deeper than the decoder."""
     source = randomized(preset("tiny").replace(activation="gelu", num_layers=3, num_decoder_layers=1))
@@ -296,13 +277,13 @@ def test_new_style_sections_erf_gelu_layernorm1p_and_vocab_file(tmp_path, batch)
      ({"bias_activation_fusion": None}, "gelu_tanh"),  # oldest configs: fusion always on
      ({"bias_activation_fusion": False, "openai_gelu": True}, "gelu_tanh")],
 )  # fmt: skip
-def test_gelu_form_from_config(tmp_path, source_model, fusion_keys, activation):
+def test_gelu_form_from_config(write_nemo, tmp_path, source_model, fusion_keys, activation):
     path = write_nemo(tmp_path / "g.nemo", source_model, nemo_config(source_model, **fusion_keys))
     assert load_nemo(path)[0].config.activation == activation
 
 
 # ------------------------------------------------------------------------------------- sentinels
-def test_sentinels_collapsed_by_nemo_version(tmp_path, source_model):
+def test_sentinels_collapsed_by_nemo_version(write_nemo, tmp_path, source_model):
     path = write_nemo(tmp_path / "v122.nemo", source_model, nemo_config(source_model, nemo_version="1.22.0"))
     model, tok = load_nemo(path)
     assert tok.sentinels == "collapsed" and tok.sentinel(5) == tok.unk_id == 0
@@ -314,7 +295,7 @@ def test_sentinels_collapsed_by_nemo_version(tmp_path, source_model):
     require_distinct_sentinels(tok, "score")
 
 
-def test_sentinels_collapsed_by_embedding_rows(tmp_path):
+def test_sentinels_collapsed_by_embedding_rows(write_nemo, tmp_path):
     """With make_vocab_size_divisible_by 8, NeMo >= 1.13 builds 32 rows and <= 1.12 builds 128."""
     source = randomized(preset("tiny").replace(vocab_size=32))
     config = nemo_config(source, make_vocab_size_divisible_by=8, nemo_version=None)
@@ -323,7 +304,7 @@ def test_sentinels_collapsed_by_embedding_rows(tmp_path):
     assert "rows" in model.config.extra["nemo"]["sentinel_reason"]
 
 
-def test_sentinels_undecidable_defaults_to_distinct_with_warning(tmp_path, source_model, caplog):
+def test_sentinels_undecidable_defaults_to_distinct_with_warning(write_nemo, tmp_path, source_model, caplog):
     path = write_nemo(tmp_path / "u.nemo", source_model, nemo_config(source_model, nemo_version=None))
     with caplog.at_level(logging.WARNING, logger="prott5nv.interop.nemo"):
         _, tok = load_nemo(path)
@@ -346,20 +327,20 @@ def test_sentinels_undecidable_defaults_to_distinct_with_warning(tmp_path, sourc
      ({"bias": False, "bias_activation_fusion": False}, "bias=False"),
      ({"tokenizer": {"library": "megatron", "model": None}}, "library 'megatron'")],
 )  # fmt: skip
-def test_refuses_unrepresentable_configs(tmp_path, source_model, overrides, message):
+def test_refuses_unrepresentable_configs(write_nemo, tmp_path, source_model, overrides, message):
     path = write_nemo(tmp_path / "bad.nemo", source_model, nemo_config(source_model, **overrides))
     with pytest.raises(CheckpointError, match=rf"bad\.nemo.*{message}"):
         load_nemo(path)
 
 
-def test_refuses_model_parallel_shards(tmp_path, source_model):
+def test_refuses_model_parallel_shards(write_nemo, tmp_path, source_model):
     shard = {"mp_rank_00/model_weights.ckpt": b"x", "mp_rank_01/model_weights.ckpt": b"y"}
     path = write_nemo(tmp_path / "tp.nemo", source_model, members=shard)
     with pytest.raises(CheckpointError, match="model-parallel shards.*mp_rank_00"):
         load_nemo(path)
 
 
-def test_refuses_wrong_vocabulary_naming_the_difference(tmp_path, source_model):
+def test_refuses_wrong_vocabulary_naming_the_difference(write_nemo, tmp_path, source_model):
     pieces = list(PROTT5NV_PIECES)
     pieces[5], pieces[6] = pieces[6], pieces[5]
     path = write_nemo(tmp_path / "v.nemo", source_model, pieces=pieces)
@@ -367,13 +348,13 @@ def test_refuses_wrong_vocabulary_naming_the_difference(tmp_path, source_model):
         load_nemo(path)
 
 
-def test_refuses_missing_tokenizer_file(tmp_path, source_model):
+def test_refuses_missing_tokenizer_file(write_nemo, tmp_path, source_model):
     path = write_nemo(tmp_path / "t.nemo", source_model, spm=False, vocab_text=False)
     with pytest.raises(CheckpointError, match="tokenizer file .* is not in the archive"):
         load_nemo(path)
 
 
-def test_refuses_pickled_code(tmp_path, source_model):
+def test_refuses_pickled_code(write_nemo, tmp_path, source_model):
     state = megatron_state(source_model)
     state["evil"] = tarfile.TarInfo("x")  # an arbitrary object: needs unpickling code, must be refused
     path = write_nemo(tmp_path / "p.nemo", source_model, state=state)
@@ -381,7 +362,7 @@ def test_refuses_pickled_code(tmp_path, source_model):
         load_nemo(path)
 
 
-def test_refuses_untied_decoder_embedding_and_unknown_keys(tmp_path, source_model):
+def test_refuses_untied_decoder_embedding_and_unknown_keys(write_nemo, tmp_path, source_model):
     state = megatron_state(source_model)
     state["enc_dec_model.decoder_embedding.word_embeddings.weight"] = torch.randn(128, 64)
     with pytest.raises(CheckpointError, match="decoder has its own embeddings"):
@@ -400,7 +381,7 @@ def test_not_a_nemo_archive(tmp_path):
 
 
 # ------------------------------------------------------------------------------- spm + CLI
-def test_hand_written_spm_matches_real_sentencepiece():
+def test_hand_written_spm_matches_real_sentencepiece(spm_model_bytes):
     spm = pytest.importorskip("sentencepiece")
     data = spm_model_bytes(PROTT5NV_PIECES)
     proc = spm.SentencePieceProcessor(model_proto=data)
@@ -423,7 +404,7 @@ def test_reader_parses_a_trained_sentencepiece_model():
     assert [t for _, _, t in parsed[:6]] == [2, 3, 3, 3, 4, 1]  # unk, control x3, user-defined, normal
 
 
-def test_convert_cli_nemo_to_native_and_refuses_hf(tmp_path, source_model, batch, capsys):
+def test_convert_cli_nemo_to_native_and_refuses_hf(write_nemo, tmp_path, source_model, batch, capsys):
     src = write_nemo(tmp_path / "m.nemo", source_model)
     assert cli_main(["convert", str(src), str(tmp_path / "native")]) == 0
     model, tok = load_checkpoint(tmp_path / "native")

@@ -1,15 +1,11 @@
-"""Helpers shared by the format converters: key maps between state dicts, and atomic directory output."""
+"""Helpers shared by the format converters: key maps between foreign state dicts and ours."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
@@ -19,8 +15,6 @@ Transform = Callable[[list[Tensor]], Tensor]
 
 def concat(parts: list[Tensor]) -> Tensor:
     """Default transform: one source tensor as is, several concatenated along rows (e.g. q, k, v)."""
-    import torch
-
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
@@ -61,24 +55,3 @@ def apply_rules(
             f"{' ...' if len(unexpected) > 6 else ''})"
         )
     return out
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed, so a
-    reader never sees a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

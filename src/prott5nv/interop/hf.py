@@ -32,12 +32,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..checkpoint import load_state_dict_strict
+from ..checkpoint import atomic_directory, load_state_dict_strict
 from ..errors import CheckpointError, ConfigError
 from ..model.config import T5Config
 from ..model.t5 import T5Model
 from ..tokenizer import ROSTLAB_PIECES, ProteinTokenizer
-from ._common import KeyRule, apply_rules, atomic_directory
+from ._common import KeyRule, apply_rules
 from .sentencepiece import read_pieces
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,17 @@ def _activation(d: dict[str, Any], source: str) -> str:
     return act
 
 
+def scales_decoder_output(d: dict[str, Any]) -> bool:
+    """Whether the LM head sees the decoder output scaled by d_model**-0.5 (our ``tie_word_embeddings``).
+
+    transformers 4 derives it from ``tie_word_embeddings`` (absent = True); transformers 5 always ties the
+    input tables, forces ``tie_word_embeddings`` to True and records the scaling as
+    ``scale_decoder_outputs``, which therefore wins when present."""
+    if "scale_decoder_outputs" in d:
+        return bool(d["scale_decoder_outputs"])
+    return bool(d.get("tie_word_embeddings", True))
+
+
 def config_from_hf(d: dict[str, Any], *, has_decoder: bool, source: str = "config.json") -> T5Config:
     """A t5-family T5Config from an HF T5 ``config.json`` (as a dict)."""
     if d.get("model_type", "t5") != "t5":
@@ -130,7 +141,7 @@ def config_from_hf(d: dict[str, Any], *, has_decoder: bool, source: str = "confi
             max_position_embeddings=0,
             relative_attention_num_buckets=int(d.get("relative_attention_num_buckets", 32)),
             relative_attention_max_distance=int(d.get("relative_attention_max_distance", 128)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            tie_word_embeddings=scales_decoder_output(d),
             seq_length=int(d.get("n_positions") or 512),
         )  # fmt: skip
     except KeyError as exc:
@@ -162,6 +173,7 @@ def config_to_hf(config: T5Config, tokenizer: ProteinTokenizer, dtype: torch.dty
         "is_encoder_decoder": full,
         "use_cache": full,
         "tie_word_embeddings": config.tie_word_embeddings,
+        "scale_decoder_outputs": config.tie_word_embeddings,  # transformers 5's name for the same switch
         "pad_token_id": tokenizer.pad_id,
         "eos_token_id": tokenizer.eos_id,
         "decoder_start_token_id": tokenizer.decoder_start_id,
@@ -228,9 +240,10 @@ def _check_aliases(state: dict[str, Tensor], config: T5Config, source: str) -> d
     if config.tie_word_embeddings and "lm_head.weight" in state and shared is not None:
         if not torch.equal(state["lm_head.weight"], shared):
             log.warning(
-                "%s: tie_word_embeddings is on, so the LM head is the word table (scaled by d_model**-0.5) "
-                "and the stored lm_head.weight, which differs from it, is ignored, as transformers 4 does "
-                "(transformers 5 uses the stored matrix). Encoder embeddings are unaffected.",
+                "%s: the config scales the decoder output for a head tied to the word table, so the stored "
+                "lm_head.weight, which differs from that table, is ignored, as transformers 4 does "
+                "(transformers 5 would use the stored matrix with the scaling). Encoder outputs are "
+                "unaffected.",
                 source,
             )
             notes["ignored_lm_head_weight"] = True
@@ -280,6 +293,8 @@ def load_hf(path: str | os.PathLike) -> tuple[T5Model, ProteinTokenizer]:
     ignored = set(_ALIASES) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
     if not has_decoder:  # encoder-only: a stray lm_head is meaningless
         ignored.add("lm_head.weight")
+    if has_decoder and not config.tie_word_embeddings and "lm_head.weight" not in state and "shared.weight" in state:
+        state = {**state, "lm_head.weight": state["shared.weight"]}  # unscaled head on the shared table
     ours = apply_rules(state, hf_rules(config), source=source, ignore=ignored.__contains__)
     model = T5Model(config)
     load_state_dict_strict(model, ours, source=source)
