@@ -180,6 +180,11 @@ def test_invalid_and_duplicate_records(swissprot_2k, naive_fasta, tmp_path) -> N
     assert str(exc.value) == f"{good}:1: record '{recs[0][0]}': duplicate id (first seen at {good}:1)"
     m = preprocess([good, good], tmp_path / "e", PreprocessConfig(max_length=None, skip_invalid=True))
     assert m["counts"]["duplicate_ids"] == 10 and m["counts"]["kept"] == 10
+    again = tmp_path / "again.fa"  # record 4's id once more, after a record too long to keep
+    again.write_text(good.read_text() + f">{recs[9][0]}_long\n{recs[9][1] * 9}\n>{recs[4][0]}\n{recs[0][1]}\n")
+    with pytest.raises(InvalidSequenceError) as exc:
+        preprocess([again], tmp_path / "f", PreprocessConfig(max_length=3000))
+    assert str(exc.value) == f"{again}:23: record '{recs[4][0]}': duplicate id (first seen at {again}:9)"
 
 
 def test_cli_summary(inputs, tmp_path, capsys) -> None:

@@ -14,7 +14,9 @@ import gzip
 import io
 import logging
 import os
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -101,15 +103,61 @@ def record_id_from_header(header: str) -> str:
     return parts[0] if parts else ""
 
 
+def _prefetch(fh: io.IOBase) -> Iterator[bytes]:
+    """Yield chunks of `fh` read ahead by a thread: file reads, gzip inflation and the `on_read` checksum
+    release the GIL, so they overlap with parsing."""
+    chunks: queue.Queue = queue.Queue(maxsize=3)
+    stop = threading.Event()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                chunk = fh.read(_CHUNK)
+                put(chunk)
+                if not chunk:
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=work, name="fasta-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _header_lines(bodies: list[bytes], first: int) -> list[int]:
+    """Line numbers of the headers of consecutive records, given the first one's."""
+    newlines = np.fromiter(map(bytes.count, bodies, repeat(b"\n")), np.int64, len(bodies))
+    starts = np.empty(len(bodies), np.int64)
+    starts[:1] = first
+    np.cumsum(newlines[:-1] + 1, out=starts[1:])
+    starts[1:] += first
+    return starts.tolist()
+
+
 def _blocks(fh: io.IOBase) -> Iterator[bytes]:
     """Yield the file as blocks that each start with ``\\n>`` (the first with a virtual ``\\n``), so that
     every block holds whole records. A record longer than a chunk is gathered without re-copying."""
     pieces = [b"\n"]
     size = 1  # total length of pieces
-    while True:
-        chunk = fh.read(_CHUNK)
-        if not chunk:
-            break
+    for chunk in _prefetch(fh):
         cut = chunk.rfind(b"\n>")
         if cut >= 0:
             cut += size
@@ -136,6 +184,8 @@ class FastaReader:
     `skip_invalid`: instead of raising on a bad record, count it in :attr:`skipped` (with its message in
     :attr:`skipped_messages`, the first 100 kept) and go on. Structural problems (not FASTA, no records)
     still raise. `on_read` sees every raw chunk read from disk (for checksums and progress).
+    `track_lines=False` leaves :attr:`FastaBlock.lines` empty in :meth:`blocks` where no record of the
+    block has a problem (saves a pass; error messages still name lines).
     """
 
     path: str | os.PathLike
@@ -146,8 +196,10 @@ class FastaReader:
     skipped_messages: list[str] = field(default_factory=list)
     records: int = 0
     on_read: Callable[[bytes], None] | None = None
+    track_lines: bool = True
 
     def __iter__(self) -> Iterator[FastaRecord]:
+        self.track_lines = True
         for block in self.blocks():
             for rid, seq, desc, line in zip(
                 block.ids, block.sequences, block.descriptions, block.lines, strict=True
@@ -194,13 +246,6 @@ class FastaReader:
         ids, descs, bodies = parts[1::3], parts[2::3], parts[3::3]
         if not bodies:
             return FastaBlock([], [], [], [])
-        newlines = np.fromiter(map(bytes.count, bodies, repeat(b"\n")), np.int64, len(bodies))
-        starts = np.empty(len(bodies), np.int64)
-        starts[:1] = base + pre.count(b"\n")
-        np.cumsum(newlines[:-1] + 1, out=starts[1:])
-        starts[1:] += starts[0]
-        lines = starts.tolist()
-
         joined = b">".join(bodies).translate(_UPPER, _WHITESPACE)
         odd = joined.translate(None, _VALID_OR_SEP)
         if odd and not odd.strip(b"*"):  # only stop symbols: fine if each ends its record
@@ -215,6 +260,7 @@ class FastaReader:
             fast = len(new) == len(ids) and seen.isdisjoint(new)
             if fast:
                 seen |= new
+        lines = _header_lines(bodies, base + pre.count(b"\n")) if self.track_lines or not fast else []
         if fast:
             self.records += len(ids)
             return FastaBlock(ids, seqs, descs, lines)

@@ -146,7 +146,7 @@ def _build(
     scratch = StoreWriter(tmp / SEQUENCES)
     work = tmp / "_work"
     work.mkdir()
-    lines = _Int64Spool(work / "lines")
+    ordinals = _Int64Spool(work / "ordinals")  # a record's number among its file's valid records
     files = _Int64Spool(work / "files")
     id_hash = _Int64Spool(work / "id_hash")
     seq_hash = _Int64Spool(work / "seq_hash")
@@ -163,22 +163,24 @@ def _build(
                 progress(len(chunk))
 
         reader = FastaReader(
-            path, cfg.policy, skip_invalid=cfg.skip_invalid, check_duplicates=False, on_read=on_read
-        )
+            path, cfg.policy, skip_invalid=cfg.skip_invalid, check_duplicates=False, on_read=on_read,
+            track_lines=False,
+        )  # fmt: skip
         for block in reader.blocks():
             n = len(block.sequences)
             lengths = np.fromiter(map(len, block.sequences), np.int64, n)
             keep = (lengths >= cfg.min_length) & (lengths <= max_len)
             counts["too_long"] += int((lengths > max_len).sum())
             counts["too_short"] += int((lengths < cfg.min_length).sum())
+            number = np.arange(reader.records - n, reader.records)
             if keep.all():
-                ids, seqs, where = block.ids, block.sequences, block.lines
+                ids, seqs = block.ids, block.sequences
             else:
                 ids = list(compress(block.ids, keep))
                 seqs = list(compress(block.sequences, keep))
-                where = list(compress(block.lines, keep))
-            scratch.add(ids, seqs)
-            lines.append(np.asarray(where, np.int64))
+                lengths, number = lengths[keep], number[keep]
+            scratch.add(ids, seqs, lengths)
+            ordinals.append(number)
             files.append(np.full(len(ids), file_index, np.int64))
             id_hash.append(np.fromiter(map(hash, ids), np.int64, len(ids)))
             if cfg.dedup:
@@ -195,14 +197,18 @@ def _build(
     everything = SequenceStore(tmp / SEQUENCES)
     n_all = len(everything)
     keep = np.ones(n_all, bool)
-    line_of, file_of = lines.close(), files.close()
+    ordinal_of, file_of = ordinals.close(), files.close()
+
+    def where(record: int) -> str:
+        path = paths[file_of[record]]
+        return f"{path}:{_header_line(path, int(ordinal_of[record]), cfg.policy)}"
+
 
     # Duplicate ids are input errors (SPEC.md §8); with skip_invalid the later record is dropped.
     same_id = lambda i, j: everything.id(i) == everything.id(j)  # noqa: E731
     for first, later in _later_duplicates(id_hash.close(), same_id):
         msg = (
-            f"{paths[file_of[later]]}:{line_of[later]}: record '{everything.id(later)}': duplicate id "
-            f"(first seen at {paths[file_of[first]]}:{line_of[first]})"
+            f"{where(later)}: record '{everything.id(later)}': duplicate id (first seen at {where(first)})"
         )
         if not cfg.skip_invalid:
             raise InvalidSequenceError(msg)
@@ -241,7 +247,6 @@ def _build(
     del kept, chosen, keep
 
     splits = _write_splits(everything.lengths, labels, tmp)
-    del line_of, file_of
     shutil.rmtree(work)
     elapsed = time.perf_counter() - t0
     settings = asdict(cfg)
@@ -259,6 +264,16 @@ def _build(
         "skipped_messages": skipped_messages,
         "seconds": round(elapsed, 3),
     }
+
+
+def _header_line(path: Path, ordinal: int, policy: SequencePolicy) -> int:
+    """The header line of the `ordinal`-th valid record of `path` (error messages only: re-reads)."""
+    seen = 0
+    for block in FastaReader(path, policy, skip_invalid=True, check_duplicates=False).blocks():
+        if ordinal < seen + len(block.lines):
+            return block.lines[ordinal - seen]
+        seen += len(block.lines)
+    raise AssertionError(f"{path} has fewer than {ordinal + 1} records")  # pragma: no cover
 
 
 def _write_splits(lengths: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, dict[str, Any]]:

@@ -89,15 +89,18 @@ class StoreWriter:
         self._lengths = _Int64Spool(self.dir / "lengths.tmp")
         self._id_lengths = _Int64Spool(self.dir / "id_lengths.tmp")
 
-    def add(self, ids: Sequence[bytes], sequences: Sequence[bytes]) -> np.ndarray:
-        """Append records (ids and cleaned residue bytes); returns their lengths."""
+    def add(
+        self, ids: Sequence[bytes], sequences: Sequence[bytes], lengths: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Append records (ids and cleaned residue bytes; their lengths if known); returns the lengths."""
         if not sequences:
             return np.empty(0, np.int64)
         self._res.write(b"\n".join(sequences))
         self._res.write(b"\n")
         self._ids.write(b"\n".join(ids))
         self._ids.write(b"\n")
-        lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
+        if lengths is None:
+            lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
         self._lengths.append(lengths)
         self._id_lengths.append(np.fromiter(map(len, ids), np.int64, len(ids)))
         return lengths
