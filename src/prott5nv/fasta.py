@@ -33,8 +33,11 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 8 << 20
 _WHITESPACE = b" \t\r\n\v\f"
 _UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Parsing joins the record bodies with '>' (cannot occur inside a valid body), then one translate deletes
+# whitespace, upper-cases, and turns the '>' separators into '\n' (deletion applies to input bytes only).
+_PACK = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz>", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\n")
 _VALID = RESIDUES.encode()
-_VALID_OR_SEP = _VALID + b">"
+_VALID_OR_SEP = _VALID + b"\n"
 # One match per header line: group 1 is the id (first word), group 2 the rest of the line.
 _HEADER = re.compile(rb"\n>(\S*)([^\n]*)")
 
@@ -55,6 +58,7 @@ class FastaBlock:
     sequences: list[bytes]  # cleaned: upper case, no whitespace, no trailing '*'
     descriptions: list[bytes]
     lines: list[int]  # header line of each record
+    packed: bytes | None = None  # the sequences joined by b"\n", when the block needed no cleaning
 
 
 class _Tap(io.RawIOBase):
@@ -246,14 +250,14 @@ class FastaReader:
         ids, descs, bodies = parts[1::3], parts[2::3], parts[3::3]
         if not bodies:
             return FastaBlock([], [], [], [])
-        joined = b">".join(bodies).translate(_UPPER, _WHITESPACE)
+        joined = b">".join(bodies).translate(_PACK, _WHITESPACE)
         odd = joined.translate(None, _VALID_OR_SEP)
         if odd and not odd.strip(b"*"):  # only stop symbols: fine if each ends its record
-            stops = joined.count(b"*>") + joined.endswith(b"*")
+            stops = joined.count(b"*\n") + joined.endswith(b"*")
             if stops == len(odd):
-                joined = joined.replace(b"*>", b">").removesuffix(b"*")
+                joined = joined.replace(b"*\n", b"\n").removesuffix(b"*")
                 odd = b""
-        seqs = joined.split(b">")
+        seqs = joined.split(b"\n")
         fast = not odd and len(seqs) == len(bodies) and b"" not in seqs and b"" not in ids
         if fast and self.check_duplicates:
             new = set(ids)
@@ -263,7 +267,7 @@ class FastaReader:
         lines = _header_lines(bodies, base + pre.count(b"\n")) if self.track_lines or not fast else []
         if fast:
             self.records += len(ids)
-            return FastaBlock(ids, seqs, descs, lines)
+            return FastaBlock(ids, seqs, descs, lines, packed=joined)
         return self._parse_slowly(ids, descs, bodies, lines, name, seen)
 
     def _parse_slowly(

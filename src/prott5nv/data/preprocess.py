@@ -173,13 +173,15 @@ def _build(
             counts["too_long"] += int((lengths > max_len).sum())
             counts["too_short"] += int((lengths < cfg.min_length).sum())
             number = np.arange(reader.records - n, reader.records)
+            packed = block.packed
             if keep.all():
                 ids, seqs = block.ids, block.sequences
             else:
+                packed = None
                 ids = list(compress(block.ids, keep))
                 seqs = list(compress(block.sequences, keep))
                 lengths, number = lengths[keep], number[keep]
-            scratch.add(ids, seqs, lengths)
+            scratch.add(ids, seqs, lengths, packed)
             ordinals.append(number)
             files.append(np.full(len(ids), file_index, np.int64))
             id_hash.append(np.fromiter(map(hash, ids), np.int64, len(ids)))

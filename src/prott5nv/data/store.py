@@ -90,12 +90,17 @@ class StoreWriter:
         self._id_lengths = _Int64Spool(self.dir / "id_lengths.tmp")
 
     def add(
-        self, ids: Sequence[bytes], sequences: Sequence[bytes], lengths: np.ndarray | None = None
+        self,
+        ids: Sequence[bytes],
+        sequences: Sequence[bytes],
+        lengths: np.ndarray | None = None,
+        packed: bytes | None = None,
     ) -> np.ndarray:
-        """Append records (ids and cleaned residue bytes; their lengths if known); returns the lengths."""
+        """Append records (ids and cleaned residue bytes; their lengths and ``b"\\n".join(sequences)``
+        when known, to save work); returns the lengths."""
         if not sequences:
             return np.empty(0, np.int64)
-        self._res.write(b"\n".join(sequences))
+        self._res.write(packed if packed is not None else b"\n".join(sequences))
         self._res.write(b"\n")
         self._ids.write(b"\n".join(ids))
         self._ids.write(b"\n")
