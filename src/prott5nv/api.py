@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,6 +166,83 @@ class ProtT5nv:
     ) -> Tensor:
         """Per-protein embeddings ``[B, D]`` (float32)."""
         return self.hiddens_to_embedding(*self.seqs_to_hiddens(seqs, ids, policy))
+
+    # --------------------------------------------------------------------------------- decoding
+    # Generation, infilling and decoding from hidden states; the work is done in model/generate.py.
+    def _masked_batch(self, seqs: Sequence[str] | str, ids: Sequence[str] | None, policy: SequencePolicy):
+        from .model.generate import parse_masked
+
+        seqs = [seqs] if isinstance(seqs, str) else list(seqs)
+        if not seqs:
+            raise ConfigError("at least one sequence is needed")
+        names = list(ids) if ids is not None else [f"sequence {i + 1}" for i in range(len(seqs))]
+        masked = [parse_masked(s, self.tokenizer, n, policy) for s, n in zip(seqs, names, strict=True)]
+        limit = self.config.max_length
+        long = [n for n, m in zip(names, masked, strict=True) if limit is not None and len(m.encoder_ids) > limit]
+        if long:
+            raise SequenceTooLongError(f"longer than the model's {limit} encoder positions: {', '.join(long[:10])}")
+        return masked, self.collate([m.encoder_ids for m in masked])
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+
+    def generate(
+        self,
+        seqs: Sequence[str] | str,
+        ids: Sequence[str] | None = None,
+        policy: SequencePolicy = DEFAULT_POLICY,
+        *,
+        seed: int | None = None,
+        **settings: Any,
+    ) -> list:
+        """Decode the T5 target of each (possibly masked, ``<mask>`` / ``<mask:K>``) protein: greedy by
+        default; `settings` are :class:`~prott5nv.model.generate.GenerationConfig` fields (num_beams,
+        do_sample, temperature, top_k, top_p, max_new_tokens, ...). Returns ``num_return_sequences``
+        :class:`~prott5nv.model.generate.Generated` per input, in input order."""
+        from .model.generate import GenerationConfig, describe_targets, generate, require_distinct_sentinels
+
+        masked, (input_ids, attn) = self._masked_batch(seqs, ids, policy)
+        if any(m.spans for m in masked):
+            require_distinct_sentinels(self.tokenizer, "generation from masked input")
+        tok = self.tokenizer
+        with self._precision():
+            out = generate(self.model, input_ids, attn, GenerationConfig(**settings),
+                           decoder_start_id=tok.decoder_start_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           generator=self._generator(seed))  # fmt: skip
+        return describe_targets(out, masked, tok)
+
+    def infill(
+        self,
+        seqs: Sequence[str] | str,
+        ids: Sequence[str] | None = None,
+        policy: SequencePolicy = DEFAULT_POLICY,
+        *,
+        num_samples: int = 1,
+        seed: int | None = None,
+        **settings: Any,
+    ) -> list:
+        """Fill every ``<mask>`` (one residue) / ``<mask:K>`` (K residues) with valid residues by
+        constrained sentinel decoding; `num_samples` complete sequences per input (sampled, seeded by
+        `seed`, when > 1). Returns one :class:`~prott5nv.model.generate.InfillResult` per input."""
+        from .model.generate import infill
+
+        masked, (input_ids, attn) = self._masked_batch(seqs, ids, policy)
+        with self._precision():
+            return infill(self.model, self.tokenizer, masked, input_ids, attn, num_samples=num_samples,
+                          generator=self._generator(seed), **settings)  # fmt: skip
+
+    def hiddens_to_seq(self, hiddens: Tensor, mask: Tensor, *, seed: int | None = None, **settings: Any) -> list[str]:
+        """Decode from encoder states ``[B, L, D]`` and their mask (as :meth:`seqs_to_hiddens` returns):
+        the decoded T5 target of each, sentinels shown as ``<extra_id_N>`` (BioNeMo's name, never
+        implemented there). `settings` as in :meth:`generate`."""
+        from .model.generate import GenerationConfig, generate, target_text
+
+        tok = self.tokenizer
+        with self._precision():
+            out = generate(self.model, None, mask.to(self.device).long(), GenerationConfig(**settings),
+                           decoder_start_id=tok.decoder_start_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           generator=self._generator(seed), encoder_hidden=hiddens.to(self.device))  # fmt: skip
+        return [target_text(out.sequences[r, : int(out.lengths[r])].tolist(), tok) for r in range(len(out.lengths))]
 
 
 def load(

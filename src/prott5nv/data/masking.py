@@ -99,22 +99,22 @@ class T5Masker:
         rng = np.random.default_rng((self.seed, epoch, index))
         starts, lengths = self.span_starts_and_lengths(len(tokens), rng)
         sentinels = np.asarray(self.tok.sentinel_ids[: len(starts)], np.int64)
-        masked = np.zeros(len(tokens), bool)
-        first = np.zeros(len(tokens), bool)
-        first[starts] = True
         span_of = np.repeat(np.arange(len(starts)), lengths)
-        masked_pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
-        masked[masked_pos] = True
+        before = np.cumsum(lengths) - lengths  # masked tokens in earlier spans
+        masked_pos = starts[span_of] + np.arange(len(span_of)) - before[span_of]
+        drop = np.zeros(len(tokens), bool)
+        drop[masked_pos] = True
+        drop[starts] = False  # each span's first position carries its sentinel
         enc = tokens.copy()
         enc[starts] = sentinels
-        enc = enc[~masked | first]
+        enc = enc[~drop]
         if self.tok.add_eos:
             enc = np.append(enc, self.tok.eos_id)
         # target: sentinel_i followed by span_i's tokens
         target = np.empty(len(masked_pos) + len(starts), np.int64)
         slot = np.arange(len(masked_pos)) + span_of + 1  # each span's tokens follow its sentinel
         target[slot] = tokens[masked_pos]
-        target[np.concatenate([[0], np.cumsum(lengths)[:-1]]) + np.arange(len(starts))] = sentinels
+        target[before + np.arange(len(starts))] = sentinels
         dec = np.concatenate([[self.decoder_start_id], target])
         labels = np.concatenate([target, [self.tok.eos_id]])
         return T5Sample(text_enc=enc, text_dec=dec, labels=labels)

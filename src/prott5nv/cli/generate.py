@@ -1,0 +1,124 @@
+"""`prott5nv generate`: decode the T5 target of (masked) proteins -- greedy, beam search or sampling."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import IO
+
+from tqdm import tqdm
+
+from ..errors import ConfigError, FastaFormatError
+from ..fasta import open_maybe_gzip, record_id_from_header
+from ..inference.score import atomic_text_file
+from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
+
+MASK_HELP = (
+    "Masks: '<mask>' hides one residue (its own sentinel, as in ProtT5nv pretraining); '<mask:K>' hides a "
+    "span of K residues behind one sentinel (T5 span corruption; ProtT5nv itself only saw single-residue "
+    "spans). Masked proteins come from a FASTA file (plain or gzip, '<mask>' written in the sequence lines) "
+    "or from --sequence."
+)
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """INPUT FASTA or --sequence, and the options every decoding command shares."""
+    p.add_argument("input", nargs="?", help="FASTA file of (masked) proteins; or use --sequence")
+    p.add_argument("-s", "--sequence", action="append", default=[], help="a (masked) protein; repeatable")
+    p.add_argument("-o", "--output", help="output file (written atomically; default: standard output)")
+    p.add_argument("--batch-size", type=int, default=8, help="proteins decoded together (default: 8)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: unseeded)")
+    add_model_args(p)
+    add_sequence_policy_args(p)
+
+
+def read_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(id, masked text)`` pairs from --sequence and/or the FASTA input; mask syntax is checked later.
+    The FASTA is read as text (not through the residue-checking reader) so that '<mask>' survives."""
+    records = [(f"seq{i + 1}", s) for i, s in enumerate(args.sequence)]
+    if args.input:
+        with open_maybe_gzip(args.input) as fh:
+            seen_header = False
+            for n, raw in enumerate(fh, 1):
+                line = raw.decode("utf-8", errors="replace").strip()
+                if line.startswith(">"):
+                    rid = record_id_from_header(line[1:]) or f"record{len(records) + 1}"
+                    records.append((rid, ""))
+                    seen_header = True
+                elif line:
+                    if not seen_header:
+                        raise FastaFormatError(f"{args.input}:{n}: sequence before the first '>' header")
+                    records[-1] = (records[-1][0], records[-1][1] + line)
+    if not records:
+        raise ConfigError("no input: give a FASTA file or --sequence")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return records
+
+
+@contextmanager
+def output_stream(path: str | None) -> Iterator[IO[str]]:
+    """The atomic output file, or standard output."""
+    with atomic_text_file(path) if path else nullcontext(sys.stdout) as fh:
+        yield fh
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="decode the T5 target (sentinel + residues ...) of masked proteins",
+        description="The encoder reads each protein, usually with masked positions; the decoder emits the "
+        "T5 target: each sentinel <extra_id_N> followed by the residues it hides, then </s> -- e.g. "
+        "'MKT<mask>LLV<mask>A' -> '<extra_id_0>Y<extra_id_1>Q'. Greedy by default; --num-beams for beam "
+        "search, --sample for temperature/top-k/top-p sampling. Output: TSV with columns id, rank, score, "
+        "target, filled (the input with every span replaced by its decoded residues, any length; empty when "
+        "the target does not name each sentinel in order). Use `prott5nv infill` for fills of exactly the "
+        "masked length. " + MASK_HELP,
+    )
+    add_input_args(p)
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="decoder steps, EOS included (default: 64)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam width (default: 1 = greedy)")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="targets per input (beams or samples)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length**this")
+    g.add_argument("--early-stopping", choices=["true", "false", "never"], default="false",
+                   help="beam search stopping rule, as in transformers (default: false)")  # fmt: skip
+    g.add_argument("--sample", action="store_true", help="sample instead of taking the most likely token")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    records = read_inputs(args)
+    model = load_model(args)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, length_penalty=args.length_penalty,
+        early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
+        num_return_sequences=args.num_return_sequences,
+    )  # fmt: skip
+    policy = sequence_policy(args)
+    n_targets = 0
+    with output_stream(args.output) as out, tqdm(total=len(records), unit="prot", desc="generate") as bar:
+        out.write("id\trank\tscore\ttarget\tfilled\n")
+        for lo in range(0, len(records), args.batch_size):
+            chunk = records[lo : lo + args.batch_size]
+            seed = None if args.seed is None else args.seed + lo
+            results = model.generate([t for _, t in chunk], [i for i, _ in chunk], policy, seed=seed, **settings)
+            per = len(results) // len(chunk)
+            for k, g in enumerate(results):
+                rid = chunk[k // per][0]
+                out.write(f"{rid}\t{k % per + 1}\t{g.score:.4f}\t{g.target}\t{g.filled or ''}\n")
+            n_targets += len(results)
+            bar.update(len(chunk))
+    summary(f"generated {n_targets} targets for {len(records)} proteins", args.output)
+    return 0
+
+
+def summary(text: str, output: str | None) -> None:
+    """The one summary line: on standard output, or on standard error when the results went there."""
+    print(f"{text} -> {output or 'stdout'}", file=sys.stdout if output else sys.stderr)

@@ -1,0 +1,251 @@
+"""Scoring proteins with the T5 objective, and single-/multi-site variant effects.
+
+Masked-token loss (`score_fasta`, `prott5nv score`)
+    Each protein is corrupted exactly as in pretraining (:class:`~prott5nv.data.masking.T5Masker`:
+    15 % of the residues, single-residue spans, each replaced by the next sentinel; proteins are cut to the
+    first ``seq_length - 2`` = 510 residues). The mask of a protein depends only on ``(seed, its sequence)``
+    -- the masker's sample index is the CRC-32 of the sequence -- so scores do not depend on file order or
+    batching. The decoder is teacher-forced on the target ``sentinel_0 r_0 sentinel_1 r_1 ... </s>``.
+    **loss** = mean cross-entropy (natural log, full-vocabulary softmax) over the *masked residues* only,
+    i.e. the target positions that hold a residue (sentinels and EOS are excluded); **perplexity** =
+    exp(loss). The overall perplexity is residue-weighted: exp(sum of all residue losses / number of masked
+    residues).
+
+Variant effects (`score_variants`, `prott5nv score-variants`)
+    For a variant like ``A23G`` (1-based position; ``A23G:K45R`` for several sites) the mutated positions are
+    masked with sentinels 0, 1, ... in the wild-type sequence, so wild type and mutant see the *same*
+    encoder input, and the decoder scores the targets ``sentinel_0 A ...`` and ``sentinel_0 G ...``.
+    score = log p(mutant residues) - log p(wild-type residues) (nats). Swapping wild type and mutant
+    negates the score exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+
+from ..api import ProtT5nv
+from ..data.batching import token_budget_batches
+from ..data.masking import T5Masker, T5Sample, collate_t5
+from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
+from ..fasta import read_fasta
+from ..model.generate import require_distinct_sentinels
+from ..sequence import DEFAULT_POLICY, SequencePolicy
+
+log = logging.getLogger(__name__)
+
+PRETRAINING_SEQ_LENGTH = 512  # encoder tokens per sample in pretraining (samples cut to 510 residues)
+
+
+@contextlib.contextmanager
+def atomic_text_file(path: str | os.PathLike) -> Iterator[IO[str]]:
+    """Write a text file through a hidden temporary beside it, renamed into place only on success."""
+    target = Path(path)
+    if target.is_dir():
+        raise ProtT5nvError(f"{target}: is a directory, expected an output file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            yield fh
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ masked-token loss
+@dataclass
+class ProteinScore:
+    id: str
+    length: int  # residues in the protein (the first 510 are scored)
+    n_masked: int
+    nll: float  # summed cross-entropy over the masked residues (nats)
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.n_masked
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@dataclass
+class ScoreSummary:
+    proteins: int
+    masked: int
+    nll: float
+    seconds: float
+    output: str
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.masked) if self.masked else float("nan")
+
+    def line(self) -> str:
+        return (
+            f"scored {self.proteins} proteins, {self.masked} masked residues: loss "
+            f"{self.nll / max(self.masked, 1):.4f} nats, perplexity {self.perplexity:.3f} (residue-weighted) "
+            f"in {self.seconds:.1f} s -> {self.output}"
+        )
+
+
+def make_masker(model: ProtT5nv, seed: int, masked_lm_prob: float = 0.15) -> T5Masker:
+    """The pretraining masker for this model (refuses collapsed sentinels)."""
+    require_distinct_sentinels(model.tokenizer, "scoring")
+    seq_length = min(PRETRAINING_SEQ_LENGTH, model.config.max_length or PRETRAINING_SEQ_LENGTH)
+    seq_length_dec = model.config.max_length or PRETRAINING_SEQ_LENGTH
+    return T5Masker(model.tokenizer, seq_length, seq_length_dec, masked_lm_prob=masked_lm_prob, seed=seed)
+
+
+def mask_protein(masker: T5Masker, residue_ids: np.ndarray, sequence: str) -> T5Sample:
+    """The masked sample of one protein: randomness keyed by (seed, CRC-32 of the sequence)."""
+    return masker(residue_ids, index=zlib.crc32(sequence.encode()))
+
+
+@torch.no_grad()
+def residue_nll(model: ProtT5nv, samples: Sequence[T5Sample]) -> list[tuple[float, int]]:
+    """``(summed cross-entropy, masked residues)`` per sample: teacher-forced decoding of the targets,
+    summed over label positions that are residues (not sentinels, EOS or padding)."""
+    batch = {k: v.to(model.device) for k, v in collate_t5(samples, model.tokenizer.pad_id).items()}
+    with model._precision():
+        logits = model.model(batch["text_enc"], batch["enc_mask"].long(), batch["text_dec"], batch["dec_mask"].long())
+    logp = logits.float().log_softmax(-1)
+    nll = -logp.gather(-1, batch["labels"][..., None]).squeeze(-1)
+    residues = torch.tensor(model.tokenizer.residue_ids, device=model.device)
+    counted = batch["dec_mask"] & torch.isin(batch["labels"], residues)
+    sums = (nll * counted).sum(1).tolist()
+    return [(s, int(n)) for s, n in zip(sums, counted.sum(1).tolist(), strict=True)]
+
+
+def score_fasta(
+    model: ProtT5nv,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    masked_lm_prob: float = 0.15,
+    batch_tokens: int = 4096,
+    policy: SequencePolicy = DEFAULT_POLICY,
+    on_start: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ScoreSummary:
+    """Masked-token loss of every protein of a FASTA file, written as CSV ``id,length,n_masked,loss,
+    perplexity`` in input order (atomically). See the module docstring for what is averaged."""
+    if batch_tokens <= 0:
+        raise ConfigError(f"batch_tokens must be positive, got {batch_tokens}")
+    masker = make_masker(model, seed, masked_lm_prob)
+    records = [(r.id, r.sequence) for r in read_fasta(input_path, policy)]  # validates the whole file first
+    if on_start:
+        on_start(len(records))
+    start = time.perf_counter()
+    samples = [
+        mask_protein(masker, model.tokenizer.encode(seq, rid, policy, add_special_tokens=False), seq)
+        for rid, seq in records
+    ]
+    scores: list[ProteinScore | None] = [None] * len(records)
+    lengths = [len(s.text_enc) + len(s.text_dec) for s in samples]
+    for batch in token_budget_batches(lengths, batch_tokens):
+        for i, (nll, n) in zip(batch, residue_nll(model, [samples[i] for i in batch]), strict=True):
+            scores[i] = ProteinScore(records[i][0], len(records[i][1]), n, nll)
+        if on_batch:
+            on_batch(len(batch))
+    with atomic_text_file(output_path) as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "length", "n_masked", "loss", "perplexity"])
+        for s in scores:
+            assert s is not None
+            writer.writerow([s.id, s.length, s.n_masked, f"{s.loss:.6f}", f"{s.perplexity:.6f}"])
+    done = [s for s in scores if s is not None]
+    summary = ScoreSummary(
+        proteins=len(done), masked=sum(s.n_masked for s in done), nll=sum(s.nll for s in done),
+        seconds=time.perf_counter() - start, output=str(output_path),
+    )  # fmt: skip
+    log.debug(summary.line())
+    return summary
+
+
+# ------------------------------------------------------------------------------------- variants
+_VARIANT_RE = re.compile(r"([A-Z])(\d+)([A-Z])")
+
+
+@dataclass(frozen=True)
+class VariantScore:
+    variant: str
+    score: float  # log p(mutant) - log p(wild type), nats
+    log_p_wt: float
+    log_p_mut: float
+
+
+def parse_variant(text: str, sequence: str) -> list[tuple[int, str, str]]:
+    """``"A23G"`` or ``"A23G:K45R"`` -> ``[(22, "A", "G"), ...]`` (0-based, sorted), checked against
+    the wild-type `sequence`."""
+    sites = []
+    for part in text.strip().upper().split(":"):
+        m = _VARIANT_RE.fullmatch(part)
+        if not m:
+            raise InvalidSequenceError(f"variant {text!r}: expected the form A23G (wild type, position, mutant)")
+        wt, pos, mut = m.group(1), int(m.group(2)), m.group(3)
+        if not 1 <= pos <= len(sequence):
+            raise InvalidSequenceError(f"variant {text!r}: position {pos} is outside the sequence (1..{len(sequence)})")
+        if sequence[pos - 1] != wt:
+            raise InvalidSequenceError(
+                f"variant {text!r}: the wild-type residue at position {pos} is {sequence[pos - 1]}, not {wt}"
+            )
+        sites.append((pos - 1, wt, mut))
+    sites.sort()
+    if len({p for p, _, _ in sites}) != len(sites):
+        raise InvalidSequenceError(f"variant {text!r}: a position is mutated twice")
+    return sites
+
+
+@torch.no_grad()
+def score_variants(
+    model: ProtT5nv,
+    sequence: str,
+    variants: Sequence[str],
+    *,
+    policy: SequencePolicy = DEFAULT_POLICY,
+    batch_rows: int = 64,
+) -> list[VariantScore]:
+    """Log-likelihood ratio of each variant of `sequence` (see the module docstring), in input order."""
+    tok = model.tokenizer
+    require_distinct_sentinels(tok, "variant scoring")
+    wt_ids = model.encode([sequence], ["wild type"], policy)[0]
+    seq = tok.decode(wt_ids[: len(wt_ids) - tok.num_special_suffix])  # the cleaned wild type
+    parsed = [parse_variant(v, seq) for v in variants]
+    for v, sites in zip(variants, parsed, strict=True):
+        for _, _, mut in sites:
+            tok.encode_residues(mut, f"variant {v}")
+    # one row per (variant, wt|mut); rows of a site set share their encoder input
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for sites in parsed:
+        enc = wt_ids.copy()  # single-residue spans: each sentinel takes its residue's place
+        for j, (p, _, _) in enumerate(sites):
+            enc[p] = tok.sentinel(j)
+        for letters in ([wt for _, wt, _ in sites], [mut for _, _, mut in sites]):
+            target = [t for j, r in enumerate(letters) for t in (tok.sentinel(j), tok.token_to_id(r))]
+            dec = np.array([tok.decoder_start_id, *target], np.int64)
+            labels = np.array([*target, tok.eos_id], np.int64)
+            rows.append((enc, dec, labels))
+    logps: list[float] = []
+    for lo in range(0, len(rows), batch_rows):
+        chunk = [T5Sample(e, d, lab) for e, d, lab in rows[lo : lo + batch_rows]]
+        logps += [-nll for nll, _ in residue_nll(model, chunk)]
+    return [
+        VariantScore(v, logps[2 * i + 1] - logps[2 * i], logps[2 * i], logps[2 * i + 1])
+        for i, v in enumerate(variants)
+    ]
