@@ -199,7 +199,8 @@ class ProtT5nv:
         default; `settings` are :class:`~prott5nv.model.generate.GenerationConfig` fields (num_beams,
         do_sample, temperature, top_k, top_p, max_new_tokens, ...). Returns ``num_return_sequences``
         :class:`~prott5nv.model.generate.Generated` per input, in input order."""
-        from .model.generate import GenerationConfig, describe_targets, generate, require_distinct_sentinels
+        from .interop.nemo import require_distinct_sentinels
+        from .model.generate import GenerationConfig, describe_targets, generate
 
         masked, (input_ids, attn) = self._masked_batch(seqs, ids, policy)
         if any(m.spans for m in masked):

@@ -42,7 +42,7 @@ from ..data.batching import token_budget_batches
 from ..data.masking import T5Masker, T5Sample, collate_t5
 from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
 from ..fasta import read_fasta
-from ..model.generate import require_distinct_sentinels
+from ..interop.nemo import require_distinct_sentinels
 from ..sequence import DEFAULT_POLICY, SequencePolicy
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
+from ..errors import ConfigError, InvalidSequenceError
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
 from ..tokenizer import ProteinTokenizer
 from .t5 import DecoderCache, T5Model
@@ -48,22 +48,6 @@ LogitsProcessor = Callable[[int, Tensor, Tensor], Tensor]
 
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 _NEG = -1.0e9  # "impossible" score, as a finite number so that sums stay ordered
-
-
-class SentinelLayoutError(ProtT5nvError):
-    """The model's tokenizer cannot express a sentinel-based task (collapsed sentinels)."""
-
-
-def require_distinct_sentinels(tokenizer: ProteinTokenizer, task: str) -> None:
-    """Refuse `task` for tokenizers whose sentinels all share one id (NeMo >= 1.13 `.nemo` files): the
-    model cannot tell masked spans apart, so sentinel decoding would be meaningless."""
-    if tokenizer.has_distinct_sentinels:
-        return
-    raise SentinelLayoutError(
-        f"{task} needs distinct sentinel tokens, but this checkpoint's tokenizer maps all "
-        f"{tokenizer.num_sentinels} <extra_id_N> onto one id (the collapsed layout NeMo >= 1.13 builds for "
-        "ProtT5nv), so the model cannot tell masked spans apart; embeddings still work"
-    )
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -472,6 +456,8 @@ def infill(
     when ``num_samples > 1``) draws `num_samples` fills per input; greedy or beam search give the most
     likely one(s).
     """
+    from ..interop.nemo import require_distinct_sentinels  # refuses collapsed (NeMo >= 1.13) sentinels
+
     require_distinct_sentinels(tokenizer, "infilling")
     if do_sample is None:
         do_sample = num_samples > 1 and num_beams == 1
