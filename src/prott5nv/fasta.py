@@ -203,8 +203,7 @@ class FastaReader:
     track_lines: bool = True
 
     def __iter__(self) -> Iterator[FastaRecord]:
-        self.track_lines = True
-        for block in self.blocks():
+        for block in self._iter_blocks(track_lines=True):
             for rid, seq, desc, line in zip(
                 block.ids, block.sequences, block.descriptions, block.lines, strict=True
             ):
@@ -217,6 +216,9 @@ class FastaReader:
 
     def blocks(self) -> Iterator[FastaBlock]:
         """Yield the valid records block by block (bytes, no per-record objects: the fast path)."""
+        return self._iter_blocks(self.track_lines)
+
+    def _iter_blocks(self, track_lines: bool) -> Iterator[FastaBlock]:
         name = str(self.path)
         seen: set[bytes] = set()
         try:
@@ -227,7 +229,7 @@ class FastaReader:
         with fh:
             try:
                 for raw in _blocks(fh):
-                    block = self._parse(raw, base, name, seen)
+                    block = self._parse(raw, base, name, seen, track_lines)
                     base += raw.count(b"\n")
                     if block.ids:
                         yield block
@@ -237,7 +239,7 @@ class FastaReader:
             raise FastaFormatError(f"{name}: no FASTA records found")
 
     # ------------------------------------------------------------------ block parsing
-    def _parse(self, raw: bytes, base: int, name: str, seen: set[bytes]) -> FastaBlock:
+    def _parse(self, raw: bytes, base: int, name: str, seen: set[bytes], track_lines: bool) -> FastaBlock:
         parts = _HEADER.split(raw)
         pre = parts[0]
         if pre.strip():
@@ -264,7 +266,7 @@ class FastaReader:
             fast = len(new) == len(ids) and seen.isdisjoint(new)
             if fast:
                 seen |= new
-        lines = _header_lines(bodies, base + pre.count(b"\n")) if self.track_lines or not fast else []
+        lines = _header_lines(bodies, base + pre.count(b"\n")) if track_lines or not fast else []
         if fast:
             self.records += len(ids)
             return FastaBlock(ids, seqs, descs, lines, packed=joined)
