@@ -174,3 +174,18 @@ def test_on_read_sees_raw_bytes(swissprot_2k: Path, tmp_path: Path) -> None:
     seen: list[bytes] = []
     n = sum(1 for _ in FastaReader(packed, on_read=seen.append))
     assert n == 2000 and b"".join(seen) == packed.read_bytes()
+
+
+def test_blocks_without_line_tracking(first_records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fasta, "_CHUNK", 300)  # many blocks: errors must still count lines across them
+    path, rid = bad_file(first_records, tmp_path, lambda s: s)
+    blocks = list(FastaReader(path, track_lines=False).blocks())
+    assert len(blocks) > 3 and all(b.lines == [] for b in blocks)
+    assert all(b.packed == b"\n".join(b.sequences) for b in blocks)
+    assert [s.decode() for b in blocks for s in b.sequences] == [s for _, s, _ in first_records]
+    lines = path.read_text().splitlines()
+    lines[31] = lines[31][:4] + "#" + lines[31][5:]  # record 16's sequence line
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidSequenceError) as exc:
+        list(FastaReader(path, track_lines=False).blocks())
+    assert str(exc.value) == f"{path}:31, record '{first_records[15][0]}': invalid character '#' at position 5"
