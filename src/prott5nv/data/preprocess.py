@@ -201,17 +201,14 @@ def _build(
     keep = np.ones(n_all, bool)
     ordinal_of, file_of = ordinals.close(), files.close()
 
-    def where(record: int) -> str:
-        path = paths[file_of[record]]
-        return f"{path}:{_header_line(path, int(ordinal_of[record]), cfg.policy)}"
-
-
     # Duplicate ids are input errors (SPEC.md §8); with skip_invalid the later record is dropped.
     same_id = lambda i, j: everything.id(i) == everything.id(j)  # noqa: E731
-    for first, later in _later_duplicates(id_hash.close(), same_id):
-        msg = (
-            f"{where(later)}: record '{everything.id(later)}': duplicate id (first seen at {where(first)})"
-        )
+    pairs = _later_duplicates(id_hash.close(), same_id)
+    named = pairs[: 1 if not cfg.skip_invalid else 100]  # messages that name lines (one re-read per file)
+    line = _header_lines(paths, file_of, ordinal_of, {r for pair in named for r in pair}, cfg.policy)
+    for first, later in pairs:
+        where = [f"{paths[file_of[r]]}" + (f":{line[r]}" if r in line else "") for r in (first, later)]
+        msg = f"{where[1]}: record '{everything.id(later)}': duplicate id (first seen at {where[0]})"
         if not cfg.skip_invalid:
             raise InvalidSequenceError(msg)
         log.warning("skipped invalid record: %s", msg)
@@ -268,14 +265,21 @@ def _build(
     }
 
 
-def _header_line(path: Path, ordinal: int, policy: SequencePolicy) -> int:
-    """The header line of the `ordinal`-th valid record of `path` (error messages only: re-reads)."""
-    seen = 0
-    for block in FastaReader(path, policy, skip_invalid=True, check_duplicates=False).blocks():
-        if ordinal < seen + len(block.lines):
-            return block.lines[ordinal - seen]
-        seen += len(block.lines)
-    raise AssertionError(f"{path} has fewer than {ordinal + 1} records")  # pragma: no cover
+def _header_lines(
+    paths: list[Path], file_of: np.ndarray, ordinal_of: np.ndarray, records: set[int], policy: SequencePolicy
+) -> dict[int, int]:
+    """Header line of each stored record in `records` (for error messages: re-reads their files once)."""
+    out: dict[int, int] = {}
+    for f in sorted({int(file_of[r]) for r in records}):
+        wanted = {int(ordinal_of[r]): r for r in records if file_of[r] == f}
+        seen = 0
+        for block in FastaReader(paths[f], policy, skip_invalid=True, check_duplicates=False).blocks():
+            for o in [o for o in wanted if seen <= o < seen + len(block.lines)]:
+                out[wanted.pop(o)] = block.lines[o - seen]
+            seen += len(block.lines)
+            if not wanted:
+                break
+    return out
 
 
 def _write_splits(lengths: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, dict[str, Any]]:
