@@ -98,7 +98,7 @@ def main() -> None:
     print(f"Biopython {__import__('Bio').__version__} SeqIO.parse: {bio_s:.1f} s = {bio_rate:.0f} MB/s")
     print(f"ratio preprocess / Biopython parse: {pre_rate / bio_rate:.2f}x")
     uniref_s = 25e9 / 1e6 / pre_rate
-    print(f"extrapolated full UniRef50 (~25 GB, ~50M records): {uniref_s / 60:.0f} min")
+    print(f"extrapolated full UniRef50 (~25 GB, ~50M records): {uniref_s:.0f} s = {uniref_s / 60:.1f} min")
     if not args.keep:
         shutil.rmtree(args.workdir)
 
