@@ -40,24 +40,15 @@ def tiny_model() -> ProtT5nv:
     return ProtT5nv(T5Model(preset("tiny")).eval(), ProteinTokenizer())
 
 
-# ---- data pipeline (issue 3): the full real files in ../shared/data ----
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
+# ---- data pipeline (issue 3) ----
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The project's real data files (see shared/data/README.md)."""
-    return SHARED_DATA
-
-
-@pytest.fixture(scope="session")
-def swissprot_2k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def swissprot_2k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 2,000 records of swissprot_dev_100k.fasta.gz, copied verbatim (plain text)."""
     import gzip
 
     out = tmp_path_factory.mktemp("swissprot") / "swissprot_2k.fasta"
     records = 0
-    with gzip.open(shared_data / "swissprot_dev_100k.fasta.gz", "rb") as src, open(out, "wb") as dst:
+    with gzip.open(SWISSPROT, "rb") as src, open(out, "wb") as dst:
         for line in src:
             if line.startswith(b">"):
                 records += 1

@@ -29,8 +29,8 @@ CFG = PreprocessConfig(max_length=512, min_length=30, dedup=True, val=100, test=
 
 
 @pytest.fixture(scope="module")
-def inputs(swissprot_2k: Path, shared_data: Path) -> list[Path]:
-    return [swissprot_2k, shared_data / "proteome_HG003687.faa"]
+def inputs(swissprot_2k: Path, test_data: Path) -> list[Path]:
+    return [swissprot_2k, test_data / "proteome_HG003687.faa"]
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +115,8 @@ def test_manifest_sources_and_settings(built, inputs) -> None:
     assert manifest["settings"]["val"] == 100 and manifest["settings"]["test"] == 0.1
 
 
-def test_gzip_input_and_no_filters(shared_data, naive_fasta, tmp_path) -> None:
-    path = shared_data / "proteome_HG003687.faa"
+def test_gzip_input_and_no_filters(test_data, naive_fasta, tmp_path) -> None:
+    path = test_data / "proteome_HG003687.faa"
     packed = tmp_path / "proteome.faa.gz"
     packed.write_bytes(gzip.compress(path.read_bytes()))
     manifest = preprocess([packed], tmp_path / "d", PreprocessConfig(max_length=None))

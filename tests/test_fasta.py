@@ -45,8 +45,8 @@ def test_gzip_detected_by_content_not_name(swissprot_2k: Path, tmp_path: Path) -
     assert records(packed) == records(swissprot_2k)
 
 
-def test_prodigal_proteome_stops_removed(plain_parse, shared_data: Path) -> None:
-    path = shared_data / "proteome_HG003687.faa"
+def test_prodigal_proteome_stops_removed(plain_parse, test_data: Path) -> None:
+    path = test_data / "proteome_HG003687.faa"
     got = list(read_fasta(path))
     assert len(got) == 2100
     assert [(r.id, r.sequence, r.line) for r in got] == plain_parse(path)

@@ -25,6 +25,9 @@ class T5PretrainingDataset(Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, index: int) -> T5Sample:
+    def __getitem__(self, key: int | tuple[int, int]) -> T5Sample:
+        """`key` is a sequence index (masked for the current epoch) or an ``(epoch, index)`` pair, which
+        lets a sampler that spans epochs drive the masking."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         ids = self.tok.encode_residues(self.store.sequence(index))
-        return self.masker(ids, index, self.epoch)
+        return self.masker(ids, index, epoch)

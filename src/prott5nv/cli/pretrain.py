@@ -1,0 +1,112 @@
+"""`prott5nv pretrain --data DATA_DIR --out RUN_DIR ...`: the ProtT5nv pretraining recipe.
+
+Flags map 1:1 onto :class:`~prott5nv.train.config.TrainConfig` fields (`--max-steps` -> `max_steps`);
+`--config FILE` reads the same keys from YAML, flags override it, and the run directory records the
+result in `config.yaml`. Launch with `torchrun --nproc-per-node N -m prott5nv pretrain ...` for data
+parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+from tqdm import tqdm
+
+from ..errors import ConfigError
+from ..train.config import PRECISIONS, TrainConfig
+
+# (field, type, help) -- every TrainConfig field settable from the command line
+FLAGS: list[tuple[str, type, str]] = [
+    ("data", str, "data directory written by `prott5nv preprocess`"),
+    ("out", str, "run directory (checkpoints, metrics.jsonl, config.yaml, final model/)"),
+    ("preset", str, "model shape: tiny, small, prott5nv-base (default: small)"),
+    ("init_from", str, "start from these weights (native, .nemo or HF) with a fresh optimizer"),
+    ("max_steps", int, "optimizer steps (default: 1000)"),
+    ("micro_batch_size", int, "sequences per rank per forward pass (default: 12)"),
+    ("accumulate", int, "micro-batches per optimizer step (default: 1)"),
+    ("global_batch_size", int, "sequences per step over all ranks; sets --accumulate"),
+    ("lr", float, "peak learning rate (default: 1e-4)"),
+    ("warmup_steps", int, "linear warmup steps (default: 1%% of --max-steps)"),
+    ("min_lr", float, "learning rate after --max-steps (default: 0)"),
+    ("weight_decay", float, "decoupled weight decay on weights and embeddings (default: 0.01)"),
+    ("clip_grad", float, "gradient-norm clipping (default: 1.0)"),
+    ("precision", str, f"one of {', '.join(PRECISIONS)} (default: fp32)"),
+    ("dropout", float, "dropout everywhere (default: the model's, 0.1)"),
+    ("seq_length", int, "encoder length (default: 512)"),
+    ("seq_length_dec", int, "decoder length (default: 256)"),
+    ("masked_lm_prob", float, "fraction of tokens masked (default: 0.15)"),
+    ("mean_span_length", float, "mean masked span length (default: 1 = single tokens, as ProtT5nv)"),
+    ("seed", int, "seed for initialisation, shuffling and masking (default: 1234)"),
+    ("val_every", int, "validate every N steps (default: 200)"),
+    ("val_samples", int, "validation sequences used (default: 1000)"),
+    ("save_every", int, "checkpoint every N steps (default: 500)"),
+    ("keep_last", int, "checkpoints kept (default: 3)"),
+    ("log_every", int, "metrics row every N steps (default: 10)"),
+    ("num_workers", int, "DataLoader worker processes (default: 0)"),
+    ("device", str, "cpu, cuda or auto (default: auto)"),
+    ("threads", int, "torch threads per process (default: PyTorch's)"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a model with T5 span corruption (the ProtT5nv recipe)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
+    for name, typ, help_ in FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    p.add_argument(
+        "--model-override", action="append", default=[], metavar="KEY=VALUE",
+        help="override a model config field, e.g. num_layers=4 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (default: auto)")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    settings = TrainConfig.from_yaml(args.config) if args.config else {}
+    for name, _, _ in FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    if args.model_override:
+        model = dict(settings.get("model") or {})
+        for item in args.model_override:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--model-override {item!r}: expected KEY=VALUE")
+            model[key] = yaml.safe_load(value)
+        settings["model"] = model
+    return TrainConfig.from_dict(settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.trainer import Pretrainer
+
+    cfg = build_config(args)
+    trainer = Pretrainer(cfg, resume=True if args.resume else None)
+    try:
+        show = trainer.info.is_main
+        bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="pretrain", unit="step", disable=not show,
+                   dynamic_ncols=True)  # fmt: skip
+
+        def on_step(m: dict) -> None:
+            bar.update(1)
+            post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2e}"}
+            if "tokens_per_s" in m:
+                post["tok/s"] = f"{m['tokens_per_s']:.0f}"
+            if "val_loss" in m:
+                post["val_ppl"] = f"{m['val_ppl']:.2f}"
+            bar.set_postfix(post, refresh=False)
+
+        summary = trainer.train(on_step)
+        bar.close()
+        if show:
+            print(summary.line())
+    finally:
+        trainer.close()
+    return 0

@@ -1,0 +1,1 @@
+"""Pretraining: configuration, optimizer and schedule, distributed setup, checkpoints, the loop."""

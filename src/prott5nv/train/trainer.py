@@ -1,0 +1,385 @@
+"""The pretraining loop: T5 span corruption on a sequence store, AdamW + inverse-sqrt schedule, data
+parallel over torchrun ranks, atomic checkpoints with exact resume, validation, JSON-lines metrics.
+
+Exactness: the loss of a step is the sum of target-token cross-entropies over the whole global batch
+divided by its token count (all-reduced before the backward passes), so one process with accumulation
+and N processes with the same global batch compute the same gradient. Samples are masked
+deterministically from (seed, epoch, index), and a checkpoint stores the consumed-sample count and the
+RNG states, so a resumed run continues exactly where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..api import resolve_device
+from ..checkpoint import load_checkpoint, save_pretrained
+from ..data.dataset import T5PretrainingDataset
+from ..data.masking import T5Masker, collate_t5
+from ..data.sampler import DistributedShuffleSampler
+from ..data.store import SequenceStore, load_manifest
+from ..errors import ConfigError
+from ..model.config import preset
+from ..model.t5 import T5Model
+from ..tokenizer import ProteinTokenizer
+from .checkpointing import list_checkpoints, load_checkpoint_state, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from .optim import build_optimizer, inverse_sqrt_lr, set_lr
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    val_loss: float | None
+    val_ppl: float | None
+    val_residue_ppl: float | None
+    model_dir: str
+
+    def line(self) -> str:
+        val = (
+            f", val loss {self.val_loss:.4f} (perplexity {self.val_ppl:.2f}; masked residues "
+            f"{self.val_residue_ppl:.2f})"
+            if self.val_loss is not None
+            else ""
+        )
+        return (
+            f"trained {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.0f} s "
+            f"({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s), final loss {self.final_loss:.4f}{val} "
+            f"-> {self.model_dir}"
+        )
+
+
+# ----------------------------------------------------------------------------------------- building
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout probability of the network (hidden, attention, embedding) to `p`."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = p
+
+
+def build_model(cfg: TrainConfig) -> tuple[T5Model, ProteinTokenizer]:
+    """A fresh model from the preset and overrides, or the weights of `init_from`."""
+    if cfg.init_from:
+        model, tokenizer = load_checkpoint(cfg.init_from)
+        wanted = preset(cfg.preset).replace(**cfg.model) if cfg.model else None
+        if wanted is not None:
+            mismatch = {k: (getattr(model.config, k), v) for k, v in cfg.model.items() if getattr(model.config, k) != v}
+            if mismatch:
+                raise ConfigError(f"--init-from {cfg.init_from}: model settings differ from the checkpoint: {mismatch}")
+    else:
+        config = preset(cfg.preset).replace(**cfg.model)
+        model, tokenizer = T5Model(config), ProteinTokenizer()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary {model.config.vocab_size}"
+        )
+    if model.config.max_length is not None and cfg.seq_length > model.config.max_length:
+        raise ConfigError(
+            f"seq_length {cfg.seq_length} exceeds the model's {model.config.max_length} positions"
+        )
+    if model.decoder is None:
+        raise ConfigError("pretraining needs an encoder-decoder model; this checkpoint is encoder-only")
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    return model, tokenizer
+
+
+class _EpochStream:
+    """Batch sampler over an endless sequence of epochs for one rank: yields lists of (epoch, index)
+    keys, `micro_batch_size` at a time, starting after `consumed_samples` (global count)."""
+
+    def __init__(self, num_samples: int, info: DistInfo, seed: int, consumed: int, micro_batch_size: int):
+        self.num_samples, self.info, self.seed = num_samples, info, seed
+        self.consumed, self.mbs = consumed, micro_batch_size
+        self.per_epoch = (num_samples // info.world_size) * info.world_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, offset = divmod(self.consumed, self.per_epoch)
+        batch: list[tuple[int, int]] = []
+        while True:
+            sampler = DistributedShuffleSampler(
+                self.num_samples, self.info.rank, self.info.world_size, self.seed, epoch, offset
+            )
+            for index in sampler:
+                batch.append((epoch, index))
+                if len(batch) == self.mbs:
+                    yield batch
+                    batch = []
+            epoch, offset = epoch + 1, 0
+
+
+def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the target tokens of a batch, and their count."""
+    logits = model(
+        batch["text_enc"].to(device), batch["enc_mask"].to(device), batch["text_dec"].to(device)
+    )
+    labels = batch["labels"].to(device)
+    mask = batch["loss_mask"].to(device).float()
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return (ce * mask.flatten()).sum(), int(mask.sum())
+
+
+# ------------------------------------------------------------------------------------------- the loop
+class Pretrainer:
+    def __init__(self, cfg: TrainConfig, resume: bool | None = None) -> None:
+        """`resume`: True requires a checkpoint in the run directory, None resumes when one exists,
+        False refuses a run directory that already has checkpoints."""
+        self.cfg = cfg
+        if not cfg.data or not cfg.out:
+            raise ConfigError("both --data and --out are required")
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.info = init_distributed(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.info.local_rank)
+            torch.cuda.set_device(self.device)
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            log.warning("fp16 on CPU is slow and rarely supported; bf16 is the CPU half precision")
+        self.run_dir = Path(cfg.out)
+        self.accumulate = cfg.accumulation_for(self.info.world_size)
+        load_manifest(cfg.data)  # clear error for a missing/incomplete store before anything else
+        self.train_store = SequenceStore.open(cfg.data, "train")
+        self.val_store = self._open_val()
+
+        checkpoints = list_checkpoints(self.run_dir)
+        if resume and not checkpoints:
+            raise ConfigError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if resume is False and checkpoints:
+            raise ConfigError(f"{self.run_dir} already has checkpoints; resume it or choose another --out")
+        self.step = self.consumed = self.tokens = 0
+        tensors: dict[str, Any] | None = None
+        if checkpoints:
+            model, self.tokenizer, tensors, state = load_checkpoint_state(checkpoints[-1])
+            if cfg.dropout is not None:
+                set_dropout(model, cfg.dropout)
+            self.step, self.consumed, self.tokens = state["step"], state["consumed_samples"], state["tokens"]
+            log.info("resuming from %s (step %d)", checkpoints[-1], self.step)
+        else:
+            torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
+            model, self.tokenizer = build_model(cfg)
+        self.model = model.to(self.device).train()
+        self.masker = T5Masker(
+            self.tokenizer, cfg.seq_length, cfg.seq_length_dec, cfg.masked_lm_prob, cfg.mean_span_length, cfg.seed
+        )
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.info.enabled
+            else None
+        )
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        if tensors is not None:
+            self.optimizer.load_state_dict(tensors["optimizer"])
+            if self.scaler is not None and tensors["scaler"]:
+                self.scaler.load_state_dict(tensors["scaler"])
+            torch.set_rng_state(tensors["torch_rng"])
+            if torch.cuda.is_available() and tensors["cuda_rng"]:
+                torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+        else:
+            torch.manual_seed(cfg.seed + self.info.rank)  # dropout differs per rank
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._tb = None
+
+    def _open_val(self) -> SequenceStore | None:
+        manifest = load_manifest(self.cfg.data)
+        if manifest["splits"].get("val", {}).get("sequences", 0) == 0:
+            log.warning("%s has no validation split: validation is skipped", self.cfg.data)
+            return None
+        return SequenceStore.open(self.cfg.data, "val")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.cfg.micro_batch_size * self.accumulate * self.info.world_size
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
+        dataset = T5PretrainingDataset(self.train_store, self.tokenizer, self.masker)
+        stream = _EpochStream(len(self.train_store), self.info, self.cfg.seed, self.consumed, self.cfg.micro_batch_size)
+        pad = self.tokenizer.pad_id
+        loader = DataLoader(
+            dataset, batch_sampler=stream, num_workers=self.cfg.num_workers,
+            collate_fn=lambda samples: collate_t5(samples, pad),
+            generator=torch.Generator().manual_seed(self.cfg.seed),  # keep the global RNG (dropout) untouched
+        )  # fmt: skip
+        return iter(loader)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST[self.cfg.precision])
+
+    @torch.no_grad()
+    def validate(self, store: SequenceStore | None = None) -> dict[str, float] | None:
+        """Loss over all target tokens (NeMo's val loss) and perplexity over masked residues only, on the
+        first `val_samples` sequences of `store` (default: the val split) masked as in epoch 0."""
+        store = store or self.val_store
+        if store is None:
+            return None
+        self.model.eval()
+        n = min(self.cfg.val_samples, len(store))
+        mine = list(range(self.info.rank, n, self.info.world_size))
+        dataset = T5PretrainingDataset(store, self.tokenizer, self.masker)
+        residue_ids = torch.tensor(self.tokenizer.residue_ids, device=self.device)
+        totals = torch.zeros(4, dtype=torch.float64)
+        mbs = self.cfg.micro_batch_size
+        for a in range(0, len(mine), mbs):
+            batch = collate_t5([dataset[(0, i)] for i in mine[a : a + mbs]], self.tokenizer.pad_id)
+            with self._autocast():
+                logits = self.model(
+                    batch["text_enc"].to(self.device), batch["enc_mask"].to(self.device),
+                    batch["text_dec"].to(self.device),
+                )  # fmt: skip
+            labels = batch["labels"].to(self.device)
+            mask = batch["loss_mask"].to(self.device).bool()
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+            residue = mask & torch.isin(labels, residue_ids)
+            totals += torch.tensor([ce[mask].sum().item(), mask.sum().item(), ce[residue].sum().item(),
+                                    residue.sum().item()], dtype=torch.float64)  # fmt: skip
+        totals = all_reduce_sum(totals, self.info)
+        self.model.train()
+        val_loss = float(totals[0] / max(totals[1], 1))
+        residue_loss = float(totals[2] / max(totals[3], 1))
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_residue_ppl": math.exp(residue_loss)}
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.info.is_main:
+            return
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def _prepare_run_dir(self) -> None:
+        if not self.info.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.save_yaml(self.run_dir / "config.yaml")
+        for stale in (self.run_dir / "checkpoints").glob(".step_*"):  # temp dirs of a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        if self.metrics_path.exists():  # drop rows a killed run wrote after its last checkpoint
+            rows = [r for r in self.metrics_path.read_text().splitlines() if r.strip()]
+            kept = [r for r in rows if json.loads(r)["step"] <= self.step]
+            self.metrics_path.write_text("".join(r + "\n" for r in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:
+            self._tb = None
+
+    def _save(self) -> None:
+        if self.info.is_main:
+            state = {"consumed_samples": self.consumed, "tokens": self.tokens, "config": self.cfg.to_dict(),
+                     "global_batch_size": self.global_batch_size, "world_size": self.info.world_size}  # fmt: skip
+            save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scaler,
+                            state, self.cfg.keep_last)  # fmt: skip
+        if self.info.enabled:
+            torch.distributed.barrier()
+
+    # ---------------------------------------------------------------------------------------- run
+    def train(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
+        cfg = self.cfg
+        self._prepare_run_dir()
+        net = self.ddp or self.model
+        batches = self._loader()
+        start = time.perf_counter()
+        start_tokens = self.tokens
+        loss = float("nan")
+        val: dict[str, float] | None = None
+        last_log = (time.perf_counter(), self.tokens)
+        try:
+            while self.step < cfg.max_steps:
+                set_lr(self.optimizer, inverse_sqrt_lr(self.step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr))
+                micro = [next(batches) for _ in range(self.accumulate)]
+                counts = torch.tensor(
+                    [sum(int(b["loss_mask"].sum()) for b in micro),
+                     sum(int(b["enc_mask"].sum()) + int(b["loss_mask"].sum()) for b in micro)],
+                    dtype=torch.float64,
+                )  # fmt: skip
+                counts = all_reduce_sum(counts, self.info)
+                n_targets = float(counts[0])
+                ce_total = torch.zeros((), dtype=torch.float64)
+                for i, batch in enumerate(micro):
+                    sync = self.ddp is None or i == len(micro) - 1
+                    with contextlib.nullcontext() if sync else self.ddp.no_sync(), self._autocast():
+                        ce_sum, _ = _batch_loss(net, batch, self.device)
+                    scaled = ce_sum * (self.info.world_size / n_targets)
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    ce_total += ce_sum.detach().double().cpu()
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.step += 1
+                self.consumed += self.global_batch_size
+                self.tokens += int(counts[1])
+                loss = float(all_reduce_sum(ce_total, self.info) / n_targets)
+                if not math.isfinite(loss) and self.scaler is None:
+                    raise FloatingPointError(f"loss is {loss} at step {self.step}")
+                row: dict[str, Any] | None = None
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    now = time.perf_counter()
+                    tps = (self.tokens - last_log[1]) / max(now - last_log[0], 1e-9)
+                    last_log = (now, self.tokens)
+                    row = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm,
+                           "consumed_samples": self.consumed, "tokens": self.tokens}  # fmt: skip
+                    self._log(row)
+                if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
+                    val = self.validate()
+                    if val is not None:
+                        self._log({"step": self.step, **val})
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    self._save()
+                if on_step is not None:
+                    on_step({"step": self.step, "loss": loss, "lr": lr, **(row or {}), **(val or {})})
+            model_dir = self.run_dir / "model"
+            if self.info.is_main:
+                extra = {"trained_steps": self.step, "tokens": self.tokens, "data": cfg.data}
+                save_pretrained(self.model, self.tokenizer, model_dir, extra=extra)
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+        seconds = time.perf_counter() - start
+        val = val or {}
+        return TrainSummary(
+            steps=self.step, tokens=self.tokens - start_tokens, seconds=seconds, final_loss=loss,
+            val_loss=val.get("val_loss"), val_ppl=val.get("val_ppl"), val_residue_ppl=val.get("val_residue_ppl"),
+            model_dir=str(model_dir),
+        )  # fmt: skip
+
+    def close(self) -> None:
+        shutdown_distributed()
