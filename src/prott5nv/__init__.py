@@ -1,23 +1,37 @@
 """prott5nv: the ProtT5nv protein language model (T5 encoder-decoder) in plain PyTorch.
 
 Start with :func:`load`, then ``seqs_to_hiddens`` / ``hiddens_to_embedding`` / ``seqs_to_embedding``.
+Names are imported on first use, so torch-free parts (FASTA reading, preprocessing) start quickly.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .api import ProtT5nv, load
-from .checkpoint import bundled_models, load_checkpoint, save_pretrained
-from .errors import CheckpointError, ConfigError, InvalidSequenceError, ProtT5nvError, SequenceTooLongError
-from .fasta import read_fasta
-from .model.config import T5Config, preset
-from .model.t5 import T5Model
-from .sequence import SequencePolicy
-from .tokenizer import ProteinTokenizer
+_EXPORTS = {
+    "ProtT5nv": "api", "load": "api",
+    "bundled_models": "checkpoint", "load_checkpoint": "checkpoint", "save_pretrained": "checkpoint",
+    "CheckpointError": "errors", "ConfigError": "errors", "InvalidSequenceError": "errors",
+    "ProtT5nvError": "errors", "SequenceTooLongError": "errors",
+    "read_fasta": "fasta",
+    "T5Config": "model.config", "preset": "model.config",
+    "T5Model": "model.t5",
+    "SequencePolicy": "sequence",
+    "ProteinTokenizer": "tokenizer",
+}  # fmt: skip
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
-__all__ = [
-    "CheckpointError", "ConfigError", "InvalidSequenceError", "ProtT5nv", "ProtT5nvError", "ProteinTokenizer",
-    "SequencePolicy", "SequenceTooLongError", "T5Config", "T5Model", "__version__", "bundled_models",
-    "load", "load_checkpoint", "preset", "read_fasta", "save_pretrained",
-]  # fmt: skip
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'prott5nv' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -32,8 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..checkpoint import atomic_directory, load_state_dict_strict
+from ..checkpoint import load_state_dict_strict
 from ..errors import CheckpointError, ConfigError
+from ..fsutil import atomic_directory
 from ..model.config import T5Config
 from ..model.t5 import T5Model
 from ..tokenizer import ROSTLAB_PIECES, ProteinTokenizer

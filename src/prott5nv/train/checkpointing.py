@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_directory, load_native, write_native
+from ..checkpoint import load_native, write_native
 from ..errors import CheckpointError
+from ..fsutil import atomic_directory
 from ..model.t5 import T5Model
 from ..tokenizer import ProteinTokenizer
 
