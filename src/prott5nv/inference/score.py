@@ -21,7 +21,6 @@ Variant effects (`score_variants`, `prott5nv score-variants`)
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
@@ -29,10 +28,8 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -40,30 +37,15 @@ import torch
 from ..api import ProtT5nv
 from ..data.batching import token_budget_batches
 from ..data.masking import T5Masker, T5Sample, collate_t5
-from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
+from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import read_fasta
+from ..fsutil import atomic_text_file
 from ..interop.nemo import require_distinct_sentinels
 from ..sequence import DEFAULT_POLICY, SequencePolicy
 
 log = logging.getLogger(__name__)
 
 PRETRAINING_SEQ_LENGTH = 512  # encoder tokens per sample in pretraining (samples cut to 510 residues)
-
-
-@contextlib.contextmanager
-def atomic_text_file(path: str | os.PathLike) -> Iterator[IO[str]]:
-    """Write a text file through a hidden temporary beside it, renamed into place only on success."""
-    target = Path(path)
-    if target.is_dir():
-        raise ProtT5nvError(f"{target}: is a directory, expected an output file name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial")
-    try:
-        with open(tmp, "w", newline="") as fh:
-            yield fh
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ masked-token loss
