@@ -41,7 +41,7 @@ from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import read_fasta
 from ..fsutil import atomic_text_file
 from ..interop.nemo import require_distinct_sentinels
-from ..sequence import DEFAULT_POLICY, SequencePolicy
+from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,66 @@ def residue_nll(model: ProtT5nv, samples: Sequence[T5Sample]) -> list[tuple[floa
     return [(s, int(n)) for s, n in zip(sums, counted.sum(1).tolist(), strict=True)]
 
 
+def mask_sequences(
+    model: ProtT5nv,
+    seqs: Sequence[str],
+    ids: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+    masked_lm_prob: float = 0.15,
+    policy: SequencePolicy = DEFAULT_POLICY,
+) -> tuple[list[str], list[T5Sample]]:
+    """Clean each raw sequence under `policy` (a bad one raises :class:`InvalidSequenceError` naming its id
+    and position) and mask it as in pretraining: ``(cleaned sequences, samples)``."""
+    masker = make_masker(model, seed, masked_lm_prob)
+    names = list(ids) if ids is not None else [f"sequence {i + 1}" for i in range(len(seqs))]
+    cleaned = [clean_sequence(seq, rid, policy) for seq, rid in zip(seqs, names, strict=True)]
+    samples = [
+        mask_protein(masker, model.tokenizer.encode_residues(seq, rid), seq)
+        for seq, rid in zip(cleaned, names, strict=True)
+    ]
+    return cleaned, samples
+
+
+def score_samples(
+    model: ProtT5nv,
+    samples: Sequence[T5Sample],
+    batch_tokens: int = 4096,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[float, int]]:
+    """``(summed cross-entropy, masked residues)`` of every sample, in input order, computed in
+    length-sorted token-budget batches (each sample's result does not depend on its batch)."""
+    if batch_tokens <= 0:
+        raise ConfigError(f"batch_tokens must be positive, got {batch_tokens}")
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(samples)
+    lengths = [len(s.text_enc) + len(s.text_dec) for s in samples]
+    for batch in token_budget_batches(lengths, batch_tokens):
+        for i, result in zip(batch, residue_nll(model, [samples[i] for i in batch]), strict=True):
+            out[i] = result
+        if on_batch:
+            on_batch(len(batch))
+    return out
+
+
+def score_sequences(
+    model: ProtT5nv,
+    seqs: Sequence[str],
+    ids: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+    masked_lm_prob: float = 0.15,
+    batch_tokens: int = 4096,
+    policy: SequencePolicy = DEFAULT_POLICY,
+) -> list[ProteinScore]:
+    """Masked-token loss of each sequence of a list (the same numbers :func:`score_fasta` writes)."""
+    names = list(ids) if ids is not None else [f"sequence {i + 1}" for i in range(len(seqs))]
+    cleaned, samples = mask_sequences(model, seqs, names, seed=seed, masked_lm_prob=masked_lm_prob, policy=policy)
+    scored = score_samples(model, samples, batch_tokens)
+    return [
+        ProteinScore(rid, len(seq), n, nll) for rid, seq, (nll, n) in zip(names, cleaned, scored, strict=True)
+    ]
+
+
 def score_fasta(
     model: ProtT5nv,
     input_path: str | os.PathLike,
@@ -129,31 +189,23 @@ def score_fasta(
     perplexity`` in input order (atomically). See the module docstring for what is averaged."""
     if batch_tokens <= 0:
         raise ConfigError(f"batch_tokens must be positive, got {batch_tokens}")
-    masker = make_masker(model, seed, masked_lm_prob)
     records = [(r.id, r.sequence) for r in read_fasta(input_path, policy)]  # validates the whole file first
     if on_start:
         on_start(len(records))
     start = time.perf_counter()
-    samples = [
-        mask_protein(masker, model.tokenizer.encode(seq, rid, policy, add_special_tokens=False), seq)
-        for rid, seq in records
-    ]
-    scores: list[ProteinScore | None] = [None] * len(records)
-    lengths = [len(s.text_enc) + len(s.text_dec) for s in samples]
-    for batch in token_budget_batches(lengths, batch_tokens):
-        for i, (nll, n) in zip(batch, residue_nll(model, [samples[i] for i in batch]), strict=True):
-            scores[i] = ProteinScore(records[i][0], len(records[i][1]), n, nll)
-        if on_batch:
-            on_batch(len(batch))
+    _, samples = mask_sequences(
+        model, [s for _, s in records], [r for r, _ in records], seed=seed, masked_lm_prob=masked_lm_prob,
+        policy=policy,
+    )  # fmt: skip
+    scored = score_samples(model, samples, batch_tokens, on_batch)
+    scores = [ProteinScore(rid, len(seq), n, nll) for (rid, seq), (nll, n) in zip(records, scored, strict=True)]
     with atomic_text_file(output_path) as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "length", "n_masked", "loss", "perplexity"])
         for s in scores:
-            assert s is not None
             writer.writerow([s.id, s.length, s.n_masked, f"{s.loss:.6f}", f"{s.perplexity:.6f}"])
-    done = [s for s in scores if s is not None]
     summary = ScoreSummary(
-        proteins=len(done), masked=sum(s.n_masked for s in done), nll=sum(s.nll for s in done),
+        proteins=len(scores), masked=sum(s.n_masked for s in scores), nll=sum(s.nll for s in scores),
         seconds=time.perf_counter() - start, output=str(output_path),
     )  # fmt: skip
     log.debug(summary.line())
