@@ -15,18 +15,22 @@ README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", README, flags=re.S)
 
 
-def readme_commands() -> list[str]:
-    """`prott5nv` invocations in bash blocks (for `a && b && prott5nv ...`, the prott5nv part)."""
-    cmds = []
+def readme_blocks() -> list[list[str]]:
+    """The `prott5nv` invocations of each bash block, in order (for `a && prott5nv ...`, the prott5nv
+    part). A block's commands run one after another in one directory, as a reader would run them."""
+    blocks = []
     for lang, body in BLOCKS:
         if lang != "bash":
             continue
+        cmds = []
         for line in body.splitlines():
             for part in line.split("&&"):
-                part = part.split("#")[0].strip()
+                part = part.split(" #")[0].strip()
                 if part.startswith("prott5nv "):
                     cmds.append(part)
-    return cmds
+        if cmds:
+            blocks.append(cmds)
+    return blocks
 
 
 def test_readme_has_the_two_setup_commands():
@@ -36,12 +40,13 @@ def test_readme_has_the_two_setup_commands():
     assert "pytest" in (REPO / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs(command, tmp_path):
+@pytest.mark.parametrize("commands", readme_blocks(), ids=lambda cmds: cmds[0][:40])
+def test_readme_commands_run(commands, tmp_path):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
-    argv = [sys.executable, "-m", "prott5nv", *shlex.split(command)[1:]]
-    res = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    for command in commands:
+        argv = [sys.executable, "-m", "prott5nv", *shlex.split(command)[1:]]
+        res = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{command}\n{res.stderr}"
 
 
 @pytest.mark.parametrize("index", [i for i, (lang, _) in enumerate(BLOCKS) if lang == "python"])

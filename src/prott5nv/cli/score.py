@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score",
         help="per-protein masked-token loss and perplexity (the T5 pretraining objective)",
-        description="Mask each protein as in pretraining (15%% of residues, single-residue spans, each replaced "
+        description="Mask each protein as in pretraining (15% of residues, single-residue spans, each replaced "
         "by the next sentinel; deterministic for a given --seed and sequence; proteins cut to their first "
         "510 residues) and teacher-force the decoder on the target. CSV columns: id, length, n_masked, loss "
         "(mean cross-entropy in nats over the masked residues only -- sentinels and EOS are not counted), "
