@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..errors import ProtT5nvError
 
 #: Command modules under prott5nv.cli, in the order `--help` lists them.
-COMMANDS = ("embed", "info", "preprocess", "pretrain", "convert", "generate", "infill", "score")
+COMMANDS = ("embed", "info", "preprocess", "pretrain", "convert", "generate", "infill", "score", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,324 @@
+"""The HTTP API (FastAPI): embeddings, scoring, generation and infilling over one loaded model.
+
+Endpoints (JSON in, JSON out; OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
+
+| method | path | what |
+|---|---|---|
+| GET | /health | liveness: ``{"status": "ok", ...}`` |
+| GET | /v1/model | name, configuration, vocabulary, dimensions, limits |
+| POST | /v1/embeddings | per-protein (and per-residue) encoder embeddings |
+| POST | /v1/score | masked-token loss / perplexity per protein (:mod:`prott5nv.inference.score`) |
+| POST | /v1/generate | decoded T5 targets of (masked) proteins |
+| POST | /v1/infill | masked positions filled with residues |
+
+Arrays are JSON lists by default; ``"encoding": "base64"`` sends each as ``{"dtype": "float32",
+"shape": [...], "data": base64 of the little-endian bytes}`` (:func:`encode_array` / :func:`decode_array`).
+
+Status codes: 422 bad content (invalid residue -- with id, index and position --, empty list, wrong types,
+bad settings), 413 over a size limit (body, sequences, residues), 429 queue full (with ``Retry-After``),
+401 missing/wrong API key (when the server has keys), 503 request timed out (``Retry-After``), 500 a bug.
+Every ``/v1/*`` path needs the key when keys are configured (header ``Authorization: Bearer KEY`` or
+``X-API-Key: KEY``, compared in constant time); ``/health`` and the docs do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..api import ProtT5nv
+from ..errors import ConfigError, ProtT5nvError
+from ..inference.score import mask_sequences
+from ..model.generate import parse_masked
+from ..sequence import SequencePolicy
+from .batcher import DynamicBatcher, QueueFullError
+from .limits import RequestError, ServeLimits, check_sequences
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ arrays
+def encode_array(array: np.ndarray, encoding: str) -> Any:
+    """A float array as a JSON list, or as ``{"dtype", "shape", "data"}`` (base64, little-endian)."""
+    if encoding == "json":
+        return array.tolist()
+    data = np.ascontiguousarray(array, dtype="<f4")
+    return {"dtype": "float32", "shape": list(data.shape), "data": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
+def decode_array(value: Any) -> np.ndarray:
+    """Inverse of :func:`encode_array` for either encoding (float32)."""
+    if isinstance(value, dict):
+        raw = base64.b64decode(value["data"])
+        return np.frombuffer(raw, dtype="<f4").reshape(value["shape"]).astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------ schemas
+class SequenceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: StrictStr = Field(min_length=1, max_length=1000, description="your name for the sequence, echoed back")
+    sequence: StrictStr = Field(description="residues (case-insensitive; whitespace and one trailing '*' ignored)")
+
+
+class _SequencesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sequences: list[SequenceIn] = Field(description="the proteins, answered in this order")
+    strip_gaps: StrictBool = Field(False, description="remove alignment gaps '-' and '.'")
+    unknown_to_x: StrictBool = Field(False, description="map letters outside the alphabet to X")
+
+    def policy(self) -> SequencePolicy:
+        return SequencePolicy(strip_gaps=self.strip_gaps, unknown_to_x=self.unknown_to_x)
+
+    def ids(self) -> list[str]:
+        return [s.id for s in self.sequences]
+
+    def seqs(self) -> list[str]:
+        return [s.sequence for s in self.sequences]
+
+
+class EmbeddingsRequest(_SequencesRequest):
+    per_residue: StrictBool = Field(False, description="also return the (L, D) per-residue states")
+    encoding: Literal["json", "base64"] = "json"
+
+
+class ScoreRequest(_SequencesRequest):
+    seed: StrictInt = Field(0, description="masking seed (the mask depends only on seed and sequence)")
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0, description="fraction of residues masked")
+
+
+class _DecodingSettings(BaseModel):
+    num_beams: StrictInt = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: StrictInt = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="1.0 = off")
+    seed: StrictInt | None = Field(None, description="sampling seed (None: unseeded)")
+
+
+class GenerateRequest(_SequencesRequest, _DecodingSettings):
+    max_new_tokens: StrictInt = Field(64, ge=1, description="decoder steps, EOS included")
+    do_sample: StrictBool = False
+    num_return_sequences: StrictInt = Field(1, ge=1)
+
+
+class InfillRequest(_SequencesRequest, _DecodingSettings):
+    num_samples: StrictInt = Field(1, ge=1, description="completions per input (sampled when > 1)")
+
+
+# ------------------------------------------------------------------------------------ guard
+def read_api_keys(path: str | os.PathLike) -> list[str]:
+    """Keys from a file, one per line (blank lines and '#' comments ignored)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from None
+    keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"API key file {path} holds no key")
+    return keys
+
+
+def key_matches(given: str, keys: Sequence[str]) -> bool:
+    """Constant-time comparison against every key (no early exit)."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    return matched
+
+
+class _Guard:
+    """ASGI middleware run before any body is read: the API key on /v1/*, then the body size (from
+    Content-Length, and counted while streaming for chunked bodies)."""
+
+    def __init__(self, app: Any, max_body_bytes: int, api_keys: Sequence[str] | None) -> None:
+        self.app, self.max_body_bytes, self.api_keys = app, max_body_bytes, list(api_keys or [])
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_keys and scope["path"].startswith("/v1/"):
+            given = headers.get("x-api-key") or ""
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() == "bearer":
+                given = token.strip()
+            if not key_matches(given, self.api_keys):
+                msg = "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')"
+                response = JSONResponse({"detail": msg}, 401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _too_large(self.max_body_bytes)(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise HTTPException(413, _TOO_LARGE.format(self.max_body_bytes))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+_TOO_LARGE = "request body larger than the limit of {} bytes"
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"detail": _TOO_LARGE.format(limit)}, 413)
+
+
+# ------------------------------------------------------------------------------------ app
+def create_app(model: ProtT5nv, limits: ServeLimits | None = None, api_keys: Sequence[str] | None = None) -> FastAPI:
+    """The FastAPI app serving `model`; its lifespan starts and stops the :class:`DynamicBatcher`."""
+    limits = (limits or ServeLimits()).resolved(model.max_length)
+    batcher = DynamicBatcher(
+        model, batch_tokens=limits.batch_tokens, max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue
+    )
+    tok = model.tokenizer
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        log.info("serving %s (%s, %s) with limits %s", model.name, model.device, model.dtype, limits)
+        try:
+            yield
+        finally:
+            batcher.stop()
+
+    app = FastAPI(
+        title="prott5nv", version=__version__, lifespan=lifespan,
+        description="ProtT5nv protein language model: embeddings, masked-token scoring, generation, infilling.",
+    )  # fmt: skip
+    app.state.batcher, app.state.limits = batcher, limits
+    app.add_middleware(_Guard, max_body_bytes=limits.max_body_bytes, api_keys=api_keys)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message, **exc.where}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 echoes the offending input back; a huge body would come back whole
+        keep = ("loc", "msg", "type")
+        return JSONResponse({"detail": [{k: e[k] for k in keep if k in e} for e in exc.errors()]}, 422)
+
+    async def run(future_of: Any) -> Any:
+        """Submit to the batcher (429 when full), await with the timeout (503), map worker errors."""
+        try:
+            future: Future = future_of()
+        except QueueFullError as exc:
+            raise RequestError(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), limits.timeout_s)
+        except asyncio.TimeoutError:
+            retry = str(max(1, round(limits.timeout_s / 4)))
+            raise RequestError(503, f"timed out after {limits.timeout_s:g} s", headers={"Retry-After": retry}) from None
+        except ProtT5nvError as exc:
+            raise RequestError(422, str(exc)) from None
+
+    def encode_tokens(policy: SequencePolicy):  # noqa: ANN202
+        return lambda seq, rid: tok.encode(seq, rid, policy)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and load: requests waiting or running."""
+        return {"status": "ok", "model": model.name, "pending": batcher.pending}
+
+    @app.get("/v1/model")
+    async def model_info() -> dict[str, Any]:
+        """What is served: configuration, vocabulary (token strings by id), dimensions and limits."""
+        return {
+            "model": model.name, "version": __version__, "config": model.config.to_dict(),
+            "vocabulary": list(tok.tokens), "embedding_dim": model.embedding_dim, "max_length": model.max_length,
+            "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device), "limits": asdict(limits),
+        }  # fmt: skip
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingsRequest) -> JSONResponse:
+        """Mean-over-residues embedding `(D,)` of each protein; with ``per_residue``, also `(L, D)`."""
+        suffix = tok.num_special_suffix
+        tokens = check_sequences(req.ids(), req.seqs(), encode_tokens(req.policy()), limits, lambda t: len(t) - suffix)
+        results = await run(lambda: batcher.submit_embed(tokens))
+        data = []
+        for rid, r in zip(req.ids(), results, strict=True):
+            item = {"id": rid, "embedding": encode_array(r.embedding, req.encoding)}
+            if req.per_residue:
+                item["per_residue"] = encode_array(r.per_residue, req.encoding)
+            data.append(item)
+        return JSONResponse({"model": model.name, "data": data})
+
+    @app.post("/v1/score")
+    async def score(req: ScoreRequest) -> JSONResponse:
+        """Masked-token loss (nats, mean over masked residues) and perplexity per protein, exactly as
+        ``prott5nv score`` computes them (same seed -> same mask -> same numbers)."""
+
+        def mask(seq: str, rid: str):  # noqa: ANN202
+            cleaned, samples = mask_sequences(model, [seq], [rid], seed=req.seed, masked_lm_prob=req.mask_prob,
+                                              policy=req.policy())  # fmt: skip
+            return cleaned[0], samples[0]
+
+        masked = check_sequences(req.ids(), req.seqs(), mask, limits, lambda m: len(m[0]))
+        scored = await run(lambda: batcher.submit_score([s for _, s in masked]))
+        data = [
+            {"id": rid, "length": len(seq), "n_masked": n, "loss": nll / n, "perplexity": float(np.exp(nll / n))}
+            for rid, (seq, _), (nll, n) in zip(req.ids(), masked, scored, strict=True)
+        ]
+        return JSONResponse({"model": model.name, "seed": req.seed, "data": data})
+
+    def check_decoding(req: _SequencesRequest, outputs: int, steps: int = 0) -> None:
+        check_sequences(req.ids(), req.seqs(), lambda s, rid: parse_masked(s, tok, rid, req.policy()), limits,
+                        lambda m: len(m.encoder_ids) - tok.num_special_suffix)  # fmt: skip
+        if outputs > limits.max_outputs:
+            raise RequestError(422, f"{outputs} beams/outputs per input; the server allows {limits.max_outputs}")
+        if steps > limits.max_new_tokens:
+            raise RequestError(422, f"max_new_tokens {steps} exceeds the server limit of {limits.max_new_tokens}")
+
+    @app.post("/v1/generate")
+    async def generate(req: GenerateRequest) -> JSONResponse:
+        """Decode the T5 target of each (masked: ``<mask>``, ``<mask:K>``) protein; greedy by default."""
+        check_decoding(req, max(req.num_beams, req.num_return_sequences), req.max_new_tokens)
+        settings = req.model_dump(include={"max_new_tokens", "num_beams", "do_sample", "temperature", "top_k",
+                                           "top_p", "num_return_sequences"})  # fmt: skip
+        out = await run(lambda: batcher.submit_call(
+            lambda: model.generate(req.seqs(), req.ids(), req.policy(), seed=req.seed, **settings)))  # fmt: skip
+        k = req.num_return_sequences
+        outputs = [{"target": g.target, "filled": g.filled, "score": g.score} for g in out]
+        data = [{"id": rid, "outputs": outputs[i * k : (i + 1) * k]} for i, rid in enumerate(req.ids())]
+        return JSONResponse({"model": model.name, "data": data})
+
+    @app.post("/v1/infill")
+    async def infill(req: InfillRequest) -> JSONResponse:
+        """Fill every ``<mask>`` / ``<mask:K>`` with residues; `num_samples` completions per input with the
+        probability of each chosen residue."""
+        check_decoding(req, max(req.num_beams, req.num_samples))
+        settings = req.model_dump(include={"num_beams", "temperature", "top_k", "top_p"})
+        out = await run(lambda: batcher.submit_call(
+            lambda: model.infill(req.seqs(), req.ids(), req.policy(), num_samples=req.num_samples, seed=req.seed,
+                                 **settings)))  # fmt: skip
+        data = [
+            {"id": rid, "positions": r.positions, "samples": r.samples,
+             "probabilities": [p.tolist() for p in r.probabilities]}
+            for rid, r in zip(req.ids(), out, strict=True)
+        ]  # fmt: skip
+        return JSONResponse({"model": model.name, "data": data})
+
+    return app

@@ -1,0 +1,98 @@
+"""Request limits and input checks of the server, independent of the web framework.
+
+A request that breaks a size limit is refused with 413 (too many sequences, a sequence or the request too
+long, body too large); one whose content is wrong (bad residue, empty list or sequence) with 422. Both
+name the offending sequence by id and index; residue errors also give the 1-based position, with the
+message of :func:`prott5nv.sequence.clean_sequence`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
+
+T = TypeVar("T")
+
+_POSITION = re.compile(r"at position (\d+)")
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask for, and how the batcher groups work (CLI flags map 1:1 onto fields)."""
+
+    max_sequences: int = 1000  # sequences per request
+    max_residues: int | None = None  # residues per sequence; None = the model's limit
+    max_request_residues: int = 250_000  # residues per request, all sequences together
+    max_body_bytes: int = 16 * 1024 * 1024
+    timeout_s: float = 120.0  # queue wait + compute, per request
+    max_queue: int = 64  # requests waiting or running; more get 429
+    batch_tokens: int = 4096  # padded tokens per model batch
+    max_wait_ms: float = 5.0  # how long the batcher waits for more requests to fill a batch
+    max_new_tokens: int = 512  # generation: decoder steps per output
+    max_outputs: int = 16  # generation: beams / returned sequences / infill samples per input
+
+    def resolved(self, model_max_length: int | None) -> ServeLimits:
+        """Check the numbers and fill `max_residues` from the model (1024 for models without a limit)."""
+        for name, value in asdict(self).items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"serve limit {name} must be positive, got {value}")
+        limit = self.max_residues
+        if limit is None:
+            limit = model_max_length if model_max_length is not None else 1024
+        elif model_max_length is not None and limit > model_max_length:
+            raise ConfigError(f"--max-residues {limit} exceeds the model's maximum of {model_max_length} residues")
+        return ServeLimits(**{**asdict(self), "max_residues": limit})
+
+
+class RequestError(ProtT5nvError):
+    """A refused request: HTTP `status`, a message, and where it went wrong (sequence id / index /
+    1-based residue position) when that is known."""
+
+    def __init__(
+        self, status: int, message: str, *, id: str | None = None, index: int | None = None,
+        position: int | None = None, headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+        self.where = {k: v for k, v in (("id", id), ("index", index), ("position", position)) if v is not None}
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": [{"msg": self.message, **self.where}]}
+
+
+def check_sequences(
+    ids: Sequence[str], seqs: Sequence[str], encode: Callable[[str, str], T], limits: ServeLimits,
+    length: Callable[[T], int] = len,
+) -> list[T]:  # fmt: skip
+    """Encode every sequence of a request with ``encode(sequence, id)`` and enforce `limits` (count,
+    residues per sequence, residues per request). Raises :class:`RequestError` (413/422) on the first
+    problem. `length` gives the residues of an encoded sequence."""
+    if not seqs:
+        raise RequestError(422, "sequences: the list is empty")
+    if len(seqs) > limits.max_sequences:
+        raise RequestError(413, f"{len(seqs)} sequences in one request; the limit is {limits.max_sequences}")
+    raw_total = sum(len(s) for s in seqs)
+    if raw_total > 2 * limits.max_request_residues + 1024:  # cheap guard before any cleaning work
+        raise RequestError(413, f"request too long: {raw_total} characters of sequence")
+    out, total = [], 0
+    assert limits.max_residues is not None, "call ServeLimits.resolved() first"
+    for i, (rid, seq) in enumerate(zip(ids, seqs, strict=True)):
+        try:
+            encoded = encode(seq, rid)
+        except InvalidSequenceError as exc:
+            m = _POSITION.search(str(exc))
+            raise RequestError(422, str(exc), id=rid, index=i, position=int(m.group(1)) if m else None) from None
+        n = length(encoded)
+        if n > limits.max_residues:
+            raise RequestError(
+                413, f"record '{rid}': {n} residues; the limit is {limits.max_residues} per sequence", id=rid, index=i
+            )
+        total += n
+        out.append(encoded)
+    if total > limits.max_request_residues:
+        raise RequestError(413, f"{total} residues in one request; the limit is {limits.max_request_residues}")
+    return out
