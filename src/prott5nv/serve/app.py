@@ -12,7 +12,7 @@ Endpoints (JSON in, JSON out; OpenAPI docs at ``/docs``, schema at ``/openapi.js
 | POST | /v1/infill | masked positions filled with residues |
 
 Arrays are JSON lists by default; ``"encoding": "base64"`` sends each as ``{"dtype": "float32",
-"shape": [...], "data": base64 of the little-endian bytes}`` (:func:`encode_array` / :func:`decode_array`).
+"shape": [...], "data": base64 of the little-endian bytes}`` (:mod:`.wire`).
 
 Status codes: 422 bad content (invalid residue -- with id, index and position --, empty list, wrong types,
 bad settings), 413 over a size limit (body, sequences, residues), 429 queue full (with ``Retry-After``),
@@ -24,7 +24,6 @@ Every ``/v1/*`` path needs the key when keys are configured (header ``Authorizat
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hmac
 import logging
@@ -50,25 +49,9 @@ from ..model.generate import parse_masked
 from ..sequence import SequencePolicy
 from .batcher import DynamicBatcher, QueueFullError
 from .limits import RequestError, ServeLimits, check_sequences
+from .wire import encode_array
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------ arrays
-def encode_array(array: np.ndarray, encoding: str) -> Any:
-    """A float array as a JSON list, or as ``{"dtype", "shape", "data"}`` (base64, little-endian)."""
-    if encoding == "json":
-        return array.tolist()
-    data = np.ascontiguousarray(array, dtype="<f4")
-    return {"dtype": "float32", "shape": list(data.shape), "data": base64.b64encode(data.tobytes()).decode("ascii")}
-
-
-def decode_array(value: Any) -> np.ndarray:
-    """Inverse of :func:`encode_array` for either encoding (float32)."""
-    if isinstance(value, dict):
-        raw = base64.b64decode(value["data"])
-        return np.frombuffer(raw, dtype="<f4").reshape(value["shape"]).astype(np.float32)
-    return np.asarray(value, dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------ schemas
@@ -240,8 +223,9 @@ def create_app(model: ProtT5nv, limits: ServeLimits | None = None, api_keys: Seq
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness and load: requests waiting or running."""
-        return {"status": "ok", "model": model.name, "pending": batcher.pending}
+        """Liveness and load: requests waiting or running, requests finished, model batches run."""
+        return {"status": "ok", "model": model.name, "pending": batcher.pending, "requests": batcher.requests,
+                "batches": batcher.batches}  # fmt: skip
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:

@@ -83,7 +83,8 @@ class DynamicBatcher:
         self._pending = 0
         self._seconds_per_job = 0.05  # running estimate, for Retry-After
         self._thread: threading.Thread | None = None
-        self.batches = 0  # model batches run (embed + score), for tests and logs
+        self.batches = 0  # model batches run (embed + score)
+        self.requests = 0  # jobs finished (any outcome)
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -127,6 +128,7 @@ class DynamicBatcher:
     def _release(self, _: Future) -> None:
         with self._lock:
             self._pending -= 1
+            self.requests += 1
 
     # ------------------------------------------------------------------------------ worker
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:

@@ -1,0 +1,350 @@
+"""`prott5nv serve` as a real process on 127.0.0.1 with the bundled demo model: concurrent clients get the
+local API's numbers, bad and oversized input gets 422/413, a full queue 429 with Retry-After, a missing
+key 401 -- and the server is still up afterwards. Plus the batcher's merging, checked in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import SWISSPROT
+
+import prott5nv
+from prott5nv.client import Client, ServerError
+from prott5nv.data.batching import token_budget_batches
+from prott5nv.fasta import read_fasta
+from prott5nv.inference.score import score_sequences
+from prott5nv.serve.batcher import DynamicBatcher
+from prott5nv.serve.wire import decode_array
+
+KEY = "s3cret-key-for-tests"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m prott5nv serve` in a subprocess on a free port; its log goes to a file."""
+
+    def __init__(self, log: Path, *flags: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "prott5nv", "serve", "--model", "prott5nv-demo", "--port", str(self.port),
+               "--threads", "1", "--no-access-log", *flags]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if json.loads(r.read())["status"] == "ok":
+                        return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        raise AssertionError(f"server not ready after {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def health(self) -> dict:
+        assert self.proc.poll() is None, "server died"
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """`open`: default settings with a few tight limits; `strict`: API key required, queue of one."""
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "keys.txt").write_text(f"# accepted keys\n{KEY}\nanother-key\n")
+    open_ = Server(tmp / "open.log", "--max-sequences", "64", "--max-request-residues", "20000",
+                   "--max-body-bytes", "200000")  # fmt: skip
+    strict = Server(tmp / "strict.log", "--api-key-file", str(tmp / "keys.txt"), "--max-queue", "1")
+    try:
+        open_.wait_ready()
+        strict.wait_ready()
+        yield open_, strict
+    finally:
+        codes = open_.stop(), strict.stop()
+    # graceful: the lifespan ran to its end (uvicorn then re-raises SIGTERM, so the status is -15 or 0)
+    for server, code in zip((open_, strict), codes, strict=True):
+        assert code in (0, -15) and "Application shutdown complete" in server.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def proteins() -> list[tuple[str, str]]:
+    """120 real Swiss-Prot proteins that fit the model (<= 512 residues), in file order."""
+    picked = [(r.id, r.sequence) for r in read_fasta(SWISSPROT) if len(r.sequence) <= 512]
+    return picked[:120]
+
+
+@pytest.fixture(scope="module")
+def local():
+    return prott5nv.load("prott5nv-demo")
+
+
+def post(url: str, body, **kw) -> httpx.Response:
+    return httpx.post(url, json=body, timeout=60, **kw)
+
+
+def items(pairs) -> list[dict]:
+    return [{"id": i, "sequence": s} for i, s in pairs]
+
+
+# ----------------------------------------------------------------------------- correctness
+def test_concurrent_clients_get_local_embeddings(servers, proteins, local):
+    server, _ = servers
+    ids, seqs = [i for i, _ in proteins], [s for _, s in proteins]
+    expected = local.seqs_to_embedding(seqs).numpy()
+    before = server.health()
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:  # six clients, each its own slice, 7 sequences per request
+        try:
+            mine = list(range(k, len(seqs), 6))
+            client = Client(server.url)
+            out = client.embed([seqs[i] for i in mine], [ids[i] for i in mine], batch_size=7)
+            results[k] = list(zip(mine, out, strict=True))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    got = {i: v for pairs in results.values() for i, v in pairs}
+    assert sorted(got) == list(range(len(seqs)))
+    for i, vec in got.items():
+        assert vec.shape == (local.embedding_dim,) and vec.dtype == np.float32
+        np.testing.assert_allclose(vec, expected[i], atol=1e-5, rtol=1e-4)
+    after = server.health()
+    assert after["requests"] - before["requests"] == sum(-(-len(range(k, 120, 6)) // 7) for k in range(6))
+
+
+def test_per_residue_and_both_encodings(servers, proteins, local):
+    server, _ = servers
+    pairs = proteins[:5]
+    hiddens, mask = local.seqs_to_hiddens([s for _, s in pairs])
+    for encoding in ("json", "base64"):
+        r = post(server.url + "/v1/embeddings", {"sequences": items(pairs), "per_residue": True, "encoding": encoding})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "prott5nv-demo" and [d["id"] for d in body["data"]] == [i for i, _ in pairs]
+        for j, d in enumerate(body["data"]):
+            per_res = decode_array(d["per_residue"])
+            n = len(pairs[j][1])
+            assert per_res.shape == (n, local.embedding_dim)
+            np.testing.assert_allclose(per_res, hiddens[j, :n].numpy(), atol=1e-5, rtol=1e-4)
+            if encoding == "base64":
+                assert d["per_residue"]["dtype"] == "float32" and d["per_residue"]["shape"] == [n, local.embedding_dim]
+    # the client asks for per-residue arrays the same way
+    got = Client(server.url).embed([s for _, s in pairs], per_residue=True)
+    assert [g.shape[0] for g in got] == [len(s) for _, s in pairs]
+
+
+def test_score_generate_infill_match_local(servers, proteins, local):
+    server, _ = servers
+    client = Client(server.url)
+    ids, seqs = [i for i, _ in proteins[:12]], [s for _, s in proteins[:12]]
+    remote = client.score(seqs, ids, seed=3)
+    expected = score_sequences(local, seqs, ids, seed=3)
+    assert [r["id"] for r in remote] == ids
+    for r, e in zip(remote, expected, strict=True):
+        assert (r["length"], r["n_masked"]) == (e.length, e.n_masked)
+        assert r["loss"] == pytest.approx(e.loss, rel=1e-5) and r["perplexity"] == pytest.approx(e.perplexity, rel=1e-5)
+    masked = [seqs[0][:20] + "<mask>" + seqs[0][21:60], seqs[1][:5] + "<mask:3>" + seqs[1][8:40]]
+    gen = client.generate(masked, ["a", "b"], max_new_tokens=8)
+    want = local.generate(masked, max_new_tokens=8)
+    assert [g["outputs"][0]["target"] for g in gen] == [w.target for w in want]
+    fill = client.infill(masked, ["a", "b"], num_samples=2, seed=7)
+    want_fill = local.infill(masked, num_samples=2, seed=7)
+    assert [f["samples"] for f in fill] == [w.samples for w in want_fill]
+    assert fill[1]["positions"] == [5, 6, 7] and all(len(s) == 60 for s in fill[0]["samples"])
+
+
+def test_batcher_merges_waiting_requests(local, proteins):
+    """Jobs queued before the worker starts fall into one window: one merged, length-sorted set of
+    token-budget batches serves all of them, and each gets exactly its own rows."""
+    batcher = DynamicBatcher(local, batch_tokens=3000, max_wait_ms=1)
+    groups = [proteins[0:7], proteins[7:9], proteins[9:20], proteins[20:21]]
+    tokens = [[local.tokenizer.encode(s) for _, s in g] for g in groups]
+    futures = [batcher.submit_embed(t) for t in tokens]
+    assert batcher.pending == 4
+    batcher.start()
+    try:
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.stop()
+    merged = token_budget_batches([len(t) for ts in tokens for t in ts], 3000)
+    separate = sum(len(token_budget_batches([len(t) for t in ts], 3000)) for ts in tokens)
+    assert batcher.batches == len(merged) < separate
+    for g, res in zip(groups, results, strict=True):
+        expected = local.seqs_to_embedding([s for _, s in g]).numpy()
+        np.testing.assert_allclose(np.stack([r.embedding for r in res]), expected, atol=1e-5, rtol=1e-4)
+    assert batcher.pending == 0 and batcher.requests == 4
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_gets_422_with_id_and_position(servers, proteins):
+    server, _ = servers
+    url = server.url + "/v1/embeddings"
+    good = proteins[0][1]
+    r = post(
+        url, {"sequences": [{"id": "ok", "sequence": good}, {"id": "bad", "sequence": good[:9] + "J" + good[10:]}]}
+    )
+    assert r.status_code == 422
+    assert r.json() == {
+        "detail": "record 'bad': unknown residue 'J' (use --unknown-to-x to map unknown letters to X) at position 10",
+        "id": "bad", "index": 1, "position": 10,
+    }  # fmt: skip
+    r = post(url, {"sequences": [{"id": "gap", "sequence": good[:4] + "-" + good[4:]}]})
+    assert r.status_code == 422 and r.json()["position"] == 5 and "alignment gap" in r.json()["detail"]
+    r = post(url, {"sequences": [{"id": "gap", "sequence": good[:4] + "-" + good[4:]}], "strip_gaps": True})
+    assert r.status_code == 200
+    assert post(url, {"sequences": [{"id": "e", "sequence": " *"}]}).json()["detail"] == "record 'e': empty sequence"
+    assert post(url, {"sequences": []}).json() == {"detail": "sequences: the list is empty"}
+    cases = {  # wrong types, missing or unknown fields: pydantic's location of the problem
+        "number as sequence": ({"sequences": [{"id": "x", "sequence": 5}]}, ["body", "sequences", 0, "sequence"]),
+        "no id": ({"sequences": [{"sequence": good}]}, ["body", "sequences", 0, "id"]),
+        "string list": ({"sequences": [good]}, ["body", "sequences", 0]),
+        "not a list": ({"sequences": good}, ["body", "sequences"]),
+        "unknown field": ({"sequences": [{"id": "x", "sequence": good}], "pooling": "max"}, ["body", "pooling"]),
+        "bad encoding": ({"sequences": [{"id": "x", "sequence": good}], "encoding": "npy"}, ["body", "encoding"]),
+    }
+    for name, (body, loc) in cases.items():
+        r = post(url, body)
+        assert r.status_code == 422, name
+        assert loc in [d["loc"] for d in r.json()["detail"]], (name, r.json())
+    r = httpx.post(url, content=b'{"sequences": [', headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    r = post(server.url + "/v1/generate", {"sequences": [{"id": "m", "sequence": "MKT<mask:0>A"}]})
+    assert r.status_code == 422 and r.json()["id"] == "m"
+    r = post(server.url + "/v1/generate", {"sequences": [{"id": "m", "sequence": "MKT<mask>A"}], "num_beams": 99})
+    assert r.status_code == 422 and "server allows 16" in r.json()["detail"]
+    r = post(server.url + "/v1/score", {"sequences": [{"id": "s", "sequence": good}], "mask_prob": 1.5})
+    assert r.status_code == 422
+    assert server.health()["status"] == "ok"
+
+
+def test_oversized_input_gets_413(servers, proteins):
+    server, _ = servers
+    url = server.url + "/v1/embeddings"
+    r = post(url, {"sequences": items(proteins[:65])})
+    assert r.status_code == 413 and r.json()["detail"] == "65 sequences in one request; the limit is 64"
+    long_seq = "".join(s for _, s in proteins[:3])[:513]
+    r = post(url, {"sequences": [{"id": "a", "sequence": "MKV"}, {"id": "long", "sequence": long_seq}]})
+    assert r.status_code == 413 and (r.json()["id"], r.json()["index"]) == ("long", 1)
+    heavy = sorted(proteins, key=lambda p: -len(p[1]))[:60]  # > 20,000 residues together
+    assert sum(len(s) for _, s in heavy) > 20_000
+    r = post(url, {"sequences": items(heavy)})
+    assert r.status_code == 413 and "the limit is 20000" in r.json()["detail"]
+    big = {"sequences": [{"id": "x", "sequence": "A" * 250_000}]}
+    r = post(url, big)  # Content-Length over --max-body-bytes: refused before reading
+    assert r.status_code == 413 and "200000 bytes" in r.json()["detail"]
+
+    def chunked():  # no Content-Length: counted while streaming
+        payload = json.dumps(big).encode()
+        for i in range(0, len(payload), 65536):
+            yield payload[i : i + 65536]
+
+    r = httpx.post(url, content=chunked(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "200000 bytes" in r.json()["detail"]
+    assert server.health()["status"] == "ok"
+    # the client splits long lists to fit the limits instead of failing
+    assert len(Client(server.url).embed([s for _, s in heavy])) == 60
+
+
+# ----------------------------------------------------------------------------- key and queue
+def test_api_key_required_and_compared(servers, proteins):
+    _, strict = servers
+    body = {"sequences": items(proteins[:2])}
+    for headers in ({}, {"Authorization": f"Bearer {KEY}x"}, {"X-API-Key": "wrong"}, {"Authorization": KEY}):
+        r = post(strict.url + "/v1/embeddings", body, headers=headers)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", headers
+    assert httpx.get(strict.url + "/v1/model", timeout=10).status_code == 401
+    assert post(strict.url + "/v1/embeddings", body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert post(strict.url + "/v1/embeddings", body, headers={"X-API-Key": "another-key"}).status_code == 200
+    assert httpx.get(strict.url + "/health", timeout=10).status_code == 200  # liveness needs no key
+    with pytest.raises(ServerError) as info:
+        Client(strict.url).embed(["MKV"])
+    assert info.value.status == 401
+
+
+def test_full_queue_gets_429_with_retry_after_and_client_retries(servers, proteins, local):
+    _, strict = servers
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"sequences": items(proteins[:60]), "seed": 1}
+    responses: list[httpx.Response] = []
+
+    def hit() -> None:
+        responses.append(post(strict.url + "/v1/score", body, headers=headers))
+
+    threads = [threading.Thread(target=hit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 429} and codes.count(200) >= 1, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1 and "queue full" in r.json()["detail"]
+    # the client waits Retry-After and retries: four concurrent clients all succeed
+    seqs = [s for _, s in proteins[:30]]
+    expected = local.seqs_to_embedding(seqs).numpy()
+    out: list = [None] * 4
+
+    def embed(k: int) -> None:
+        out[k] = Client(strict.url, api_key=KEY, backoff=0.05).embed(seqs)
+
+    threads = [threading.Thread(target=embed, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got in out:
+        np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=1e-4)
+    assert strict.health()["pending"] == 0
+
+
+def test_model_info_and_docs(servers, local):
+    server, _ = servers
+    info = httpx.get(server.url + "/v1/model", timeout=10).json()
+    assert info["model"] == "prott5nv-demo" and info["embedding_dim"] == local.embedding_dim
+    assert info["vocabulary"] == list(local.tokenizer.tokens) and len(info["vocabulary"]) == 128
+    assert info["config"] == local.config.to_dict() and info["max_length"] == 512
+    assert info["limits"]["max_sequences"] == 64 and info["limits"]["max_residues"] == 512
+    paths = httpx.get(server.url + "/openapi.json", timeout=10).json()["paths"]
+    assert {"/health", "/v1/model", "/v1/embeddings", "/v1/score", "/v1/generate", "/v1/infill"} <= set(paths)
+    assert httpx.get(server.url + "/docs", timeout=10).status_code == 200
+
+
+def test_missing_extra_is_one_line(monkeypatch, capsys):
+    from prott5nv.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    assert main(["serve", "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "prott5nv serve: error: serve needs FastAPI and uvicorn (uvicorn is missing): " \
+        "pip install 'prott5nv[serve]'"  # fmt: skip
