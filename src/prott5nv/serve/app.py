@@ -223,9 +223,10 @@ def create_app(model: ProtT5nv, limits: ServeLimits | None = None, api_keys: Seq
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness and load: requests waiting or running, requests finished, model batches run."""
+        """Liveness and load: requests waiting or running, requests finished, model batches run, seconds
+        the model worker has been busy."""
         return {"status": "ok", "model": model.name, "pending": batcher.pending, "requests": batcher.requests,
-                "batches": batcher.batches}  # fmt: skip
+                "batches": batcher.batches, "busy_s": round(batcher.busy_s, 3)}  # fmt: skip
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:

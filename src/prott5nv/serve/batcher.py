@@ -85,6 +85,7 @@ class DynamicBatcher:
         self._thread: threading.Thread | None = None
         self.batches = 0  # model batches run (embed + score)
         self.requests = 0  # jobs finished (any outcome)
+        self.busy_s = 0.0  # worker time spent running jobs (utilisation = its growth / wall time)
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -163,9 +164,10 @@ class DynamicBatcher:
             for job in (j for j in live if j.kind == "call"):
                 assert job.fn is not None
                 _settle(job, job.fn)
+            elapsed = time.perf_counter() - start
+            self.busy_s += elapsed
             if live:
-                elapsed = (time.perf_counter() - start) / len(live)
-                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed / len(live)
         for job in self._drain():
             job.future.cancel()
 
