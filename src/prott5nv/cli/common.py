@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..api import DTYPES, ProtT5nv, load
 from ..sequence import SequencePolicy
+
+if TYPE_CHECKING:  # the model stack (torch) is imported by the commands that run a model, when they run
+    from ..api import ProtT5nv
+
+#: The names of :data:`prott5nv.api.DTYPES`, without importing torch to build the command line.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "prott5nv-demo") -> None:
@@ -17,7 +23,7 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "prott5nv
     )  # fmt: skip
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument(
-        "--dtype", default="float32", choices=list(DTYPES),
+        "--dtype", default="float32", choices=list(DTYPE_NAMES),
         help="compute precision (bfloat16 is the CPU half precision; float16 needs CUDA)",
     )  # fmt: skip
 
@@ -33,4 +39,6 @@ def sequence_policy(args: argparse.Namespace) -> SequencePolicy:
 
 
 def load_model(args: argparse.Namespace) -> ProtT5nv:
+    from ..api import load
+
     return load(args.model, device=args.device, dtype=args.dtype)

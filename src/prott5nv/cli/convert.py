@@ -10,10 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..api import DTYPES
-from ..checkpoint import load_checkpoint, save_pretrained
 from ..errors import CheckpointError
-from ..interop.hf import save_hf
+from .common import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", type=Path)
     p.add_argument("--to", choices=("native", "hf"), default="native", help="output format (default: native)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="convert the weights (default: keep fp32)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="convert the weights (default: keep fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..api import DTYPES
+    from ..checkpoint import load_checkpoint, save_pretrained
+    from ..interop.hf import save_hf
+
     dst: Path = args.dst
     if dst.exists() and not args.overwrite:
         raise CheckpointError(f"{dst} already exists (use --overwrite to replace it)")

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, FastaFormatError
 from ..fasta import open_maybe_gzip, record_id_from_header
-from ..inference.score import atomic_text_file
+from ..fsutil import atomic_text_file
 from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
 
 MASK_HELP = (

@@ -6,7 +6,7 @@ import argparse
 
 from tqdm import tqdm
 
-from ..model.generate import STANDARD_RESIDUES
+from ..sequence import STANDARD_RESIDUES
 from .common import load_model, sequence_policy
 from .generate import MASK_HELP, add_input_args, output_stream, read_inputs, summary
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..checkpoint import load_checkpoint
 from ..model.config import PRESETS, preset
-from ..model.t5 import count_parameters
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(name: str) -> dict:
+    from ..checkpoint import load_checkpoint
+    from ..model.t5 import count_parameters
+
     if name in PRESETS:
         cfg = preset(name)
         info = {"name": name, "kind": "preset", **cfg.to_dict(), "parameters": count_parameters(cfg)}

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import read_fasta
-from ..inference.score import atomic_text_file, score_fasta, score_variants
+from ..fsutil import atomic_text_file
 from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
 from .generate import summary
 
@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..inference.score import score_fasta
+
     model = load_model(args)
     bar = tqdm(unit="prot", desc="score", dynamic_ncols=True)
     try:
@@ -92,6 +94,8 @@ def run_variants(args: argparse.Namespace) -> int:
         variants += [v.strip() for line in text.splitlines() for v in line.split(",") if v.strip()]
     if not variants:
         raise ConfigError("no variants: list them as arguments or give --variants FILE")
+    from ..inference.score import score_variants
+
     wild_type = _wild_type(args)
     model = load_model(args)
     scores = score_variants(model, wild_type, variants, policy=sequence_policy(args))
