@@ -76,7 +76,7 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "keys.txt").write_text(f"# accepted keys\n{KEY}\nanother-key\n")
     open_ = Server(tmp / "open.log", "--max-sequences", "64", "--max-request-residues", "20000",
-                   "--max-body-bytes", "200000")  # fmt: skip
+                   "--max-body-bytes", "200000", "--max-output-values", "200000")  # fmt: skip
     strict = Server(tmp / "strict.log", "--api-key-file", str(tmp / "keys.txt"), "--max-queue", "1")
     try:
         open_.wait_ready()
@@ -86,7 +86,9 @@ def servers(tmp_path_factory):
         codes = open_.stop(), strict.stop()
     # graceful: the lifespan ran to its end (uvicorn then re-raises SIGTERM, so the status is -15 or 0)
     for server, code in zip((open_, strict), codes, strict=True):
-        assert code in (0, -15) and "Application shutdown complete" in server.log.read_text()
+        log = server.log.read_text()
+        assert code in (0, -15) and "Application shutdown complete" in log
+        assert "Traceback" not in log and "Exception" not in log, log[-3000:]  # no input reached a bug
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +160,16 @@ def test_per_residue_and_both_encodings(servers, proteins, local):
             np.testing.assert_allclose(per_res, hiddens[j, :n].numpy(), atol=1e-5, rtol=1e-4)
             if encoding == "base64":
                 assert d["per_residue"]["dtype"] == "float32" and d["per_residue"]["shape"] == [n, local.embedding_dim]
-    # the client asks for per-residue arrays the same way
-    got = Client(server.url).embed([s for _, s in pairs], per_residue=True)
-    assert [g.shape[0] for g in got] == [len(s) for _, s in pairs]
+    # over --max-output-values (200,000 = 3,125 residues x 64): 413; the client splits to fit instead
+    many = proteins[:20]
+    assert sum(len(s) for _, s in many) * local.embedding_dim > 200_000
+    r = post(server.url + "/v1/embeddings", {"sequences": items(many), "per_residue": True})
+    assert r.status_code == 413 and "the limit is 200000 per request" in r.json()["detail"]
+    got = Client(server.url).embed([s for _, s in many], per_residue=True)
+    assert [g.shape for g in got] == [(len(s), local.embedding_dim) for _, s in many]
+    hiddens, mask = local.seqs_to_hiddens([s for _, s in many])
+    for j, g in enumerate(got):
+        np.testing.assert_allclose(g, hiddens[j, : len(g)].numpy(), atol=1e-5, rtol=1e-4)
 
 
 def test_score_generate_infill_match_local(servers, proteins, local):
@@ -243,7 +252,11 @@ def test_bad_input_gets_422_with_id_and_position(servers, proteins):
     r = post(server.url + "/v1/generate", {"sequences": [{"id": "m", "sequence": "MKT<mask>A"}], "num_beams": 99})
     assert r.status_code == 422 and "server allows 16" in r.json()["detail"]
     r = post(server.url + "/v1/score", {"sequences": [{"id": "s", "sequence": good}], "mask_prob": 1.5})
-    assert r.status_code == 422
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask_prob"]
+    r = post(server.url + "/v1/score", {"sequences": [{"id": "s", "sequence": good}], "mask_prob": 0.9})
+    assert r.status_code == 422 and "sentinels" in r.json()["detail"]  # the masker's own check
+    r = httpx.post(server.url + "/v1/embeddings", content=b"[" * 100_000, timeout=10)  # nesting bomb
+    assert r.status_code in (400, 422)
     assert server.health()["status"] == "ok"
 
 

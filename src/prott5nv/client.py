@@ -113,7 +113,11 @@ class Client:
         `batch_size` sequences per request. `options`: ``strip_gaps``, ``unknown_to_x``."""
         out: list[np.ndarray] = []
         key = "per_residue" if per_residue else "embedding"
-        for items in self._chunks(seqs, ids, batch_size):
+        residues = None
+        if per_residue:  # keep each response within the server's per-residue output limit
+            info = self.model_info()
+            residues = max(1, info["limits"]["max_output_values"] // info["embedding_dim"])
+        for items in self._chunks(seqs, ids, batch_size, residues):
             body = {"sequences": items, "per_residue": per_residue, "encoding": "base64", **options}
             out += [decode_array(d[key]) for d in self.request("POST", "/v1/embeddings", body)["data"]]
         return out
@@ -142,17 +146,19 @@ class Client:
         return out
 
     def _chunks(
-        self, seqs: Sequence[str], ids: Sequence[str] | None, batch_size: int | None = None
-    ) -> Iterator[list[dict[str, str]]]:
+        self, seqs: Sequence[str], ids: Sequence[str] | None, batch_size: int | None = None,
+        max_residues: int | None = None,
+    ) -> Iterator[list[dict[str, str]]]:  # fmt: skip
         """Requests' worth of ``{"id", "sequence"}`` items within the server's count and residue limits
-        (and at most `batch_size` sequences)."""
+        (and at most `batch_size` sequences, `max_residues` residues)."""
         if isinstance(seqs, str):
             raise TypeError("seqs must be a list of sequences, not one string")
         names = list(ids) if ids is not None else [str(i + 1) for i in range(len(seqs))]
         if len(names) != len(seqs):
             raise ValueError(f"{len(names)} ids for {len(seqs)} sequences")
         limits = self.model_info()["limits"]
-        max_seqs, max_residues = limits["max_sequences"], limits["max_request_residues"]
+        max_seqs = limits["max_sequences"]
+        max_residues = min(limits["max_request_residues"], max_residues or limits["max_request_residues"])
         if batch_size is not None:
             max_seqs = min(max_seqs, max(1, batch_size))
         chunk: list[dict[str, str]] = []

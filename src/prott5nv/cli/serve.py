@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"per request, all sequences together (default: {d.max_request_residues})",
     )  # fmt: skip
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help=f"(default: {d.max_body_bytes})")
+    g.add_argument(
+        "--max-output-values", type=int, default=d.max_output_values,
+        help=f"per-residue values (residues x dim) per response (default: {d.max_output_values})",
+    )  # fmt: skip
     g.add_argument("--timeout", type=float, default=d.timeout_s, help=f"seconds per request (default: {d.timeout_s:g})")
     g.add_argument(
         "--max-queue", type=int, default=d.max_queue,
@@ -62,6 +66,7 @@ def limits_from_args(args: argparse.Namespace) -> ServeLimits:
     return ServeLimits(
         max_sequences=args.max_sequences, max_residues=args.max_residues,
         max_request_residues=args.max_request_residues, max_body_bytes=args.max_body_bytes,
+        max_output_values=args.max_output_values,
         timeout_s=args.timeout, max_queue=args.max_queue, batch_tokens=args.batch_tokens,
         max_wait_ms=args.max_wait_ms, max_new_tokens=args.max_new_tokens, max_outputs=args.max_outputs,
     )  # fmt: skip

@@ -26,18 +26,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
+import math
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
@@ -46,7 +47,7 @@ from ..api import ProtT5nv
 from ..errors import ConfigError, ProtT5nvError
 from ..inference.score import mask_sequences
 from ..model.generate import parse_masked
-from ..sequence import SequencePolicy
+from ..sequence import SequencePolicy, clean_sequence
 from .batcher import DynamicBatcher, QueueFullError
 from .limits import RequestError, ServeLimits, check_sequences
 from .wire import encode_array
@@ -198,6 +199,10 @@ def create_app(model: ProtT5nv, limits: ServeLimits | None = None, api_keys: Seq
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.message, **exc.where}, exc.status, headers=exc.headers)
 
+    @app.exception_handler(ProtT5nvError)
+    async def _user_error(_: Request, exc: ProtT5nvError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 422)  # e.g. settings this model cannot honour
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own 422 echoes the offending input back; a huge body would come back whole
@@ -217,6 +222,11 @@ def create_app(model: ProtT5nv, limits: ServeLimits | None = None, api_keys: Seq
             raise RequestError(503, f"timed out after {limits.timeout_s:g} s", headers={"Retry-After": retry}) from None
         except ProtT5nvError as exc:
             raise RequestError(422, str(exc)) from None
+
+    async def render(content: Callable[[], dict[str, Any]]) -> Response:
+        """Build and serialise a response body off the event loop (per-residue JSON can be large)."""
+        body = await asyncio.to_thread(lambda: json.dumps(content(), separators=(",", ":")).encode())
+        return Response(body, media_type="application/json")
 
     def encode_tokens(policy: SequencePolicy):  # noqa: ANN202
         return lambda seq, rid: tok.encode(seq, rid, policy)
@@ -238,34 +248,40 @@ def create_app(model: ProtT5nv, limits: ServeLimits | None = None, api_keys: Seq
         }  # fmt: skip
 
     @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingsRequest) -> JSONResponse:
+    async def embeddings(req: EmbeddingsRequest) -> Response:
         """Mean-over-residues embedding `(D,)` of each protein; with ``per_residue``, also `(L, D)`."""
         suffix = tok.num_special_suffix
         tokens = check_sequences(req.ids(), req.seqs(), encode_tokens(req.policy()), limits, lambda t: len(t) - suffix)
+        if req.per_residue:
+            values = (sum(len(t) for t in tokens) - suffix * len(tokens)) * model.embedding_dim
+            if values > limits.max_output_values:
+                raise RequestError(413, f"per-residue output of {values} values; the limit is "
+                                   f"{limits.max_output_values} per request (send fewer residues)")  # fmt: skip
         results = await run(lambda: batcher.submit_embed(tokens))
-        data = []
-        for rid, r in zip(req.ids(), results, strict=True):
-            item = {"id": rid, "embedding": encode_array(r.embedding, req.encoding)}
-            if req.per_residue:
-                item["per_residue"] = encode_array(r.per_residue, req.encoding)
-            data.append(item)
-        return JSONResponse({"model": model.name, "data": data})
+
+        def content() -> dict[str, Any]:
+            data = []
+            for rid, r in zip(req.ids(), results, strict=True):
+                item = {"id": rid, "embedding": encode_array(r.embedding, req.encoding)}
+                if req.per_residue:
+                    item["per_residue"] = encode_array(r.per_residue, req.encoding)
+                data.append(item)
+            return {"model": model.name, "data": data}
+
+        return await render(content)
 
     @app.post("/v1/score")
     async def score(req: ScoreRequest) -> JSONResponse:
         """Masked-token loss (nats, mean over masked residues) and perplexity per protein, exactly as
         ``prott5nv score`` computes them (same seed -> same mask -> same numbers)."""
 
-        def mask(seq: str, rid: str):  # noqa: ANN202
-            cleaned, samples = mask_sequences(model, [seq], [rid], seed=req.seed, masked_lm_prob=req.mask_prob,
-                                              policy=req.policy())  # fmt: skip
-            return cleaned[0], samples[0]
-
-        masked = check_sequences(req.ids(), req.seqs(), mask, limits, lambda m: len(m[0]))
-        scored = await run(lambda: batcher.submit_score([s for _, s in masked]))
+        policy = req.policy()
+        cleaned = check_sequences(req.ids(), req.seqs(), lambda s, rid: clean_sequence(s, rid, policy), limits)
+        _, samples = mask_sequences(model, cleaned, req.ids(), seed=req.seed, masked_lm_prob=req.mask_prob)
+        scored = await run(lambda: batcher.submit_score(samples))
         data = [
-            {"id": rid, "length": len(seq), "n_masked": n, "loss": nll / n, "perplexity": float(np.exp(nll / n))}
-            for rid, (seq, _), (nll, n) in zip(req.ids(), masked, scored, strict=True)
+            {"id": rid, "length": len(seq), "n_masked": n, "loss": nll / n, "perplexity": math.exp(nll / n)}
+            for rid, seq, (nll, n) in zip(req.ids(), cleaned, scored, strict=True)
         ]
         return JSONResponse({"model": model.name, "seed": req.seed, "data": data})
 

@@ -28,6 +28,7 @@ class ServeLimits:
     max_residues: int | None = None  # residues per sequence; None = the model's limit
     max_request_residues: int = 250_000  # residues per request, all sequences together
     max_body_bytes: int = 16 * 1024 * 1024
+    max_output_values: int = 8_000_000  # per-residue floats per response (residues x embedding dim)
     timeout_s: float = 120.0  # queue wait + compute, per request
     max_queue: int = 64  # requests waiting or running; more get 429
     batch_tokens: int = 4096  # padded tokens per model batch
