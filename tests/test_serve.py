@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import SWISSPROT
 
 import prott5nv
-from prott5nv.client import Client, ServerError
+from prott5nv.client import Client, RemoteEncoder, ServerError
 from prott5nv.data.batching import token_budget_batches
 from prott5nv.fasta import read_fasta
 from prott5nv.inference.score import score_sequences
@@ -190,6 +191,17 @@ def test_score_generate_infill_match_local(servers, proteins, local):
     want_fill = local.infill(masked, num_samples=2, seed=7)
     assert [f["samples"] for f in fill] == [w.samples for w in want_fill]
     assert fill[1]["positions"] == [5, 6, 7] and all(len(s) == 60 for s in fill[0]["samples"])
+
+
+def test_remote_encoder_stands_in_for_the_local_model(servers, proteins, local):
+    server, _ = servers
+    remote = RemoteEncoder(Client(server.url))
+    assert (remote.name, remote.max_length, remote.embedding_dim) == ("prott5nv-demo", 512, local.embedding_dim)
+    assert remote.tokenizer.tokens == local.tokenizer.tokens and remote.config == local.config
+    tokens = [local.tokenizer.encode(s) for _, s in proteins[:9]]
+    got, want = remote.tokens_to_hiddens(tokens), local.tokens_to_hiddens(tokens)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
 
 
 def test_batcher_merges_waiting_requests(local, proteins):

@@ -173,6 +173,46 @@ class Client:
             yield chunk
 
 
+class RemoteEncoder:
+    """A served model in place of a local :class:`~prott5nv.api.ProtT5nv` for the embedding pipeline
+    (:func:`prott5nv.inference.embed.embed_fasta`; `prott5nv embed --server URL`): the server's name,
+    configuration and tokenizer, with :meth:`tokens_to_hiddens` answered by the server. Per-residue states
+    travel as base64 float32, so outputs equal local ones within float32 rounding."""
+
+    def __init__(self, client: Client) -> None:
+        import torch
+
+        from .model.config import T5Config
+        from .tokenizer import ProteinTokenizer
+
+        info = client.model_info()
+        self.client = client
+        self.name = info["model"]
+        self.config = T5Config.from_dict(info["config"])
+        self.tokenizer = ProteinTokenizer.from_dict(info["tokenizer"])
+        self.embedding_dim = int(info["embedding_dim"])
+        limits = [v for v in (info["max_length"], info["limits"]["max_residues"]) if v is not None]
+        self.max_length = min(limits) if limits else None
+        self.dtype = getattr(torch, info["dtype"])
+        self.device = torch.device("cpu")  # where the returned tensors live
+
+    def tokens_to_hiddens(self, token_ids: Sequence[np.ndarray]) -> tuple[Any, Any]:
+        """As :meth:`prott5nv.api.ProtT5nv.tokens_to_hiddens`: ``(hiddens [B, L_max, D] float32, residue
+        mask [B, L_max] bool)`` on the CPU, computed by the server."""
+        import torch
+
+        suffix = self.tokenizer.num_special_suffix
+        seqs = [self.tokenizer.decode(t[: len(t) - suffix]) for t in token_ids]
+        states = self.client.embed(seqs, per_residue=True)
+        longest = max(len(s) for s in states)
+        hiddens = torch.zeros(len(states), longest, self.embedding_dim)
+        mask = torch.zeros(len(states), longest, dtype=torch.bool)
+        for i, s in enumerate(states):
+            hiddens[i, : len(s)] = torch.from_numpy(s)
+            mask[i, : len(s)] = True
+        return hiddens, mask
+
+
 def _retry_after(value: str | None, default: float) -> float:
     try:
         return max(0.0, float(value)) if value is not None else default

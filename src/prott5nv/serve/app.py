@@ -243,7 +243,8 @@ def create_app(model: ProtT5nv, limits: ServeLimits | None = None, api_keys: Seq
         """What is served: configuration, vocabulary (token strings by id), dimensions and limits."""
         return {
             "model": model.name, "version": __version__, "config": model.config.to_dict(),
-            "vocabulary": list(tok.tokens), "embedding_dim": model.embedding_dim, "max_length": model.max_length,
+            "vocabulary": list(tok.tokens), "tokenizer": tok.to_dict(), "embedding_dim": model.embedding_dim,
+            "max_length": model.max_length,
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device), "limits": asdict(limits),
         }  # fmt: skip
 
