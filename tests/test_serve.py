@@ -373,3 +373,22 @@ def test_missing_extra_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "prott5nv serve: error: serve needs FastAPI and uvicorn (uvicorn is missing): " \
         "pip install 'prott5nv[serve]'"  # fmt: skip
+
+
+def test_request_timeout_gets_503_and_frees_its_queue_slot(local, proteins):
+    """In-process app whose worker is stopped: the request waits --timeout, then 503 with Retry-After, and
+    its cancelled job no longer counts against the queue."""
+    from fastapi.testclient import TestClient
+
+    from prott5nv.serve.app import create_app
+    from prott5nv.serve.limits import ServeLimits
+
+    app = create_app(local, ServeLimits(timeout_s=0.3, max_queue=1))
+    with TestClient(app) as http:
+        app.state.batcher.stop()
+        body = {"sequences": items(proteins[:2])}
+        for _ in range(2):  # the second would get 429 if the first still held the only slot
+            r = http.post("/v1/embeddings", json=body)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+            assert r.json() == {"detail": "timed out after 0.3 s"}
+        assert http.get("/health").json()["pending"] == 0
