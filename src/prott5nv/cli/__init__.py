@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from ..errors import ProtT5nvError
 
 #: Command modules under prott5nv.cli, in the order `--help` lists them.
-COMMANDS = ("embed", "info", "preprocess", "pretrain", "convert", "generate", "infill", "score", "serve")
+COMMANDS = ("embed", "info", "preprocess", "pretrain", "convert", "generate", "infill", "score", "serve", "finetune",
+            "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:

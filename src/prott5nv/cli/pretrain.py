@@ -46,6 +46,9 @@ FLAGS: list[tuple[str, type, str]] = [
     ("num_workers", int, "DataLoader worker processes (default: 0)"),
     ("device", str, "cpu, cuda or auto (default: auto)"),
     ("threads", int, "torch threads per process (default: PyTorch's)"),
+    ("probe_task", str, "downstream classification task file (CSV, see `finetune`): a linear probe on frozen "
+     "embeddings is trained and scored every --probe-every steps (rank 0; metrics.jsonl probe_accuracy)"),
+    ("probe_every", int, "steps between downstream probes (default: 1000)"),
 ]
 
 

@@ -47,13 +47,15 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads per process (None: PyTorch's default)
+    probe_task: str | None = None  # downstream classification task file probed during training (rank 0)
+    probe_every: int = 1000  # steps between probes
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # YAML gives lists
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         for name in ("max_steps", "micro_batch_size", "accumulate", "val_every", "save_every", "keep_last",
-                     "log_every", "val_samples"):  # fmt: skip
+                     "log_every", "val_samples", "probe_every"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -205,6 +205,11 @@ class Pretrainer:
             torch.manual_seed(cfg.seed + self.info.rank)  # dropout differs per rank
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._tb = None
+        self.probe = None
+        if cfg.probe_task and self.info.is_main:
+            from ..downstream.probe import PretrainProbe  # only when asked: pretraining needs no downstream code
+
+            self.probe = PretrainProbe(cfg.probe_task, seed=cfg.seed)
 
     def _open_val(self) -> SequenceStore | None:
         manifest = load_manifest(self.cfg.data)
@@ -362,6 +367,8 @@ class Pretrainer:
                     val = self.validate()
                     if val is not None:
                         self._log({"step": self.step, **val})
+                if self.probe is not None and self.step % cfg.probe_every == 0:
+                    self._log({"step": self.step, **self.probe(self.model, self.tokenizer)})
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                     self._save()
                 if on_step is not None:

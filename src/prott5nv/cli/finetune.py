@@ -1,0 +1,131 @@
+"""`prott5nv finetune TASK_FILE --model M -o RUN_DIR`: train a predictor on ProtT5nv features.
+
+TASK_FILE is a CSV/TSV (gzip detected by content) with a `sequence` column, a target, optionally a
+per-residue mask (`resolved`) and a `split` column (train/val/test; without one, a seeded
+--val-fraction of the rows is held out), or a FASTA file with --labels TABLE (joined by `id`). FLIP CSVs
+load as they are. By default the encoder is frozen: embeddings are computed once (cached on disk, keyed by
+model and sequence) and a head is trained on them; --finetune trains the encoder too (--unfreeze-layers N:
+only its top N blocks). The run directory receives the predictor (predictor.json, head.safetensors,
+model/ when fine-tuned), metrics.json and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from ..downstream.features import FEATURES, default_cache_dir
+from ..downstream.heads import HEADS
+from ..downstream.tasks import KINDS
+from .common import add_model_args, add_sequence_policy_args, sequence_policy
+
+# (FitOptions field, type, help): flags map 1:1 onto the fields
+FIT_FLAGS: list[tuple[str, type, str]] = [
+    ("hidden", int, "hidden size: MLP units (default 256) or CNN channels (default 32)"),
+    ("dropout", float, "head dropout (default: 0.25)"),
+    ("lr", float, "learning rate (default: 1e-3 frozen, 1e-4 with --finetune; the head gets 10x)"),
+    ("weight_decay", float, "AdamW weight decay (default: 0)"),
+    ("batch_size", int, "proteins per batch (default: 64)"),
+    ("max_epochs", int, "epochs at most (default: 100)"),
+    ("patience", int, "stop after N epochs without a better val score (default: 10)"),
+    ("seed", int, "seed for the split, subsampling, initialisation and shuffling (default: 0)"),
+    ("unfreeze_layers", int, "with --finetune: train only the top N encoder blocks (default: all)"),
+    ("warmup_steps", int, "with --finetune: warmup of the inverse-sqrt schedule (default: 0 = constant lr)"),
+    ("max_steps", int, "with --finetune: optimizer steps at most"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="train a downstream predictor (frozen features or fine-tuning)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("task_file", help="CSV/TSV task table, or FASTA with --labels")
+    p.add_argument("-o", "--out", required=True, help="run directory (written atomically)")
+    add_model_args(p)
+    t = p.add_argument_group("task")
+    t.add_argument("--target", action="append", help="target column (repeat for several regression targets; "
+                   "default: the only column besides id, sequence, split and mask)")  # fmt: skip
+    t.add_argument("--kind", default="auto", choices=["auto", *KINDS], help="task kind (default: inferred)")
+    t.add_argument("--labels", help="label table (with an id column) for a FASTA task file")
+    t.add_argument("--sequence-column", help="default: sequence or seq")
+    t.add_argument("--mask-column", help="per-residue 0/1 mask column (default: resolved or mask, if present)")
+    t.add_argument("--split-column", help="train/val/test column (default: split or set, if present)")
+    t.add_argument("--classes", help="comma-separated class order (default: sorted training classes)")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="held out for validation when no row is "
+                   "val (default: 0.1)")  # fmt: skip
+    t.add_argument("--max-train", type=int, help="use a seeded random subset of N training proteins")
+    t.add_argument("--max-eval", type=int, help="use seeded random subsets of N val and N test proteins")
+    h = p.add_argument_group("training")
+    h.add_argument("--features", default="embeddings", choices=FEATURES,
+                   help="embeddings (frozen encoder, default), composition (amino-acid frequencies, per "
+                   "protein; no model) or onehot (residue identity)")  # fmt: skip
+    h.add_argument("--head", default="mlp", choices=HEADS, help="linear, mlp (default) or cnn (per residue)")
+    h.add_argument("--class-weights", action="store_true", help="balanced class weights against imbalance")
+    h.add_argument("--finetune", action="store_true", help="train the encoder together with the head")
+    for name, typ, help_ in FIT_FLAGS:
+        h.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    e = add_embedding_args(p)
+    e.add_argument("--max-length", type=int, help="cut proteins to N residues (default: the model's limit)")
+    e.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
+    add_sequence_policy_args(p)
+    p.set_defaults(func=run)
+
+
+def add_embedding_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--batch-tokens and the embedding cache flags (finetune and predict); `cache_dir(args)` reads them."""
+    e = p.add_argument_group("embedding")
+    e.add_argument("--batch-tokens", type=int, default=4096, help="token budget per batch (default: 4096)")
+    e.add_argument("--cache-dir", default=None, help=f"embedding cache (default: {default_cache_dir()})")
+    e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    return e
+
+
+def cache_dir(args: argparse.Namespace) -> str | None:
+    return None if args.no_cache else str(args.cache_dir or default_cache_dir())
+
+
+def progress_bars() -> tuple[Callable[[str, int], Callable[[int], None]], list[tqdm]]:
+    """A progress factory for the downstream runs (residues) and the bars it made (to close)."""
+    bars: list[tqdm] = []
+
+    def make(desc: str, total: int) -> Callable[[int], None]:
+        bar = tqdm(total=total, desc=desc, unit="res", unit_scale=True, dynamic_ncols=True)
+        bars.append(bar)
+        return bar.update
+
+    return make, bars
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..downstream.run import finetune_task
+    from ..downstream.training import FitOptions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fit = {name: getattr(args, name) for name, _, _ in FIT_FLAGS if getattr(args, name) is not None}
+    options = FitOptions(head=args.head, class_weights=args.class_weights, finetune=args.finetune,
+                         batch_tokens=args.batch_tokens, **fit)  # fmt: skip
+    make, bars = progress_bars()
+    try:
+        summary = finetune_task(
+            args.task_file, args.out, model=args.model, features=args.features, options=options,
+            target=args.target, kind=args.kind, labels=args.labels, sequence_column=args.sequence_column,
+            mask_column=args.mask_column, split_column=args.split_column,
+            classes=args.classes.split(",") if args.classes else None, val_fraction=args.val_fraction,
+            max_train=args.max_train, max_eval=args.max_eval, max_length=args.max_length,
+            cache_dir=cache_dir(args),
+            device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens,
+            policy=sequence_policy(args), progress=make,
+        )  # fmt: skip
+    finally:
+        for bar in bars:
+            bar.close()
+    for line in summary.lines():
+        print(line)
+    return 0

@@ -1,0 +1,29 @@
+"""Downstream predictors on ProtT5nv features: task files, heads, frozen-feature training and
+fine-tuning, metrics, plots, saved predictors (`load_predictor(RUN_DIR).predict(seqs)`).
+
+Imports are lazy so that ``import prott5nv.downstream`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Task": "tasks", "TaskData": "tasks", "load_task": "tasks", "KINDS": "tasks",
+    "FitOptions": "training", "FitResult": "training", "fit_frozen": "training", "fit_finetune": "training",
+    "Head": "heads", "HEADS": "heads",
+    "EmbeddingFeaturizer": "features", "OneHotFeaturizer": "features", "make_featurizer": "features",
+    "Predictor": "predictor", "load_predictor": "predictor",
+    "finetune_task": "run", "predict_file": "run",
+    "classification_metrics": "metrics", "regression_metrics": "metrics",
+    "PretrainProbe": "probe",
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prott5nv.downstream' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,243 @@
+"""Features for downstream heads: frozen encoder embeddings (cached on disk) or residue one-hot /
+amino-acid composition (the baseline, no model).
+
+Embeddings come from the public API (:meth:`ProtT5nv.tokens_to_hiddens`, per-protein = mean over
+residues) in token-budget batches (:func:`prott5nv.data.batching.token_budget_batches`). The cache is
+keyed by a fingerprint of the model (weights, tokenizer, compute precision) and the MD5 of each (possibly
+truncated) sequence, as bio_embeddings keys proteins: a second run with the same model reuses every
+embedding it has. Each run adds one shard file (written to a temporary name, then renamed), so
+concurrent runs and interrupted runs never leave a broken cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..sequence import RESIDUES
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("embeddings", "composition", "onehot")
+Progress = Callable[[int], None]  # called with the number of residues just featurized
+
+
+def default_cache_dir() -> Path:
+    """``$PROTT5NV_CACHE/embeddings``, else ``~/.cache/prott5nv/embeddings``."""
+    root = os.environ.get("PROTT5NV_CACHE") or Path.home() / ".cache" / "prott5nv"
+    return Path(root) / "embeddings"
+
+
+def sequence_key(seq: str) -> str:
+    return hashlib.md5(seq.encode()).hexdigest()
+
+
+def length_limit(*limits: int | None) -> int | None:
+    """The smallest of the given limits (None = no limit)."""
+    given = [x for x in limits if x is not None]
+    return min(given) if given else None
+
+
+class OneHotFeaturizer:
+    """Residue identity over the 25-letter alphabet: ``(L, 25)`` per residue; its mean over residues is
+    the amino-acid composition (per protein)."""
+
+    dim = len(RESIDUES)
+    max_length: int | None = None
+
+    def __init__(self, name: str = "onehot") -> None:
+        self.name = name  # "composition" or "onehot": the same features, named as the user chose
+        self._lut = np.full(256, -1, dtype=np.int64)
+        for i, c in enumerate(RESIDUES):
+            self._lut[ord(c)] = i
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name}
+
+    def per_residue(self, seqs: Sequence[str], progress: Progress | None = None) -> list[np.ndarray]:
+        eye = np.eye(self.dim, dtype=np.float32)
+        out = [eye[self._lut[np.frombuffer(s.encode(), dtype=np.uint8)]] for s in seqs]
+        if progress:
+            progress(sum(map(len, seqs)))
+        return out
+
+    def per_protein(self, seqs: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        """Amino-acid composition: the mean of the one-hot rows, computed by counting."""
+        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
+        for i, s in enumerate(seqs):
+            out[i] = np.bincount(self._lut[np.frombuffer(s.encode(), dtype=np.uint8)], minlength=self.dim) / len(s)
+        if progress:
+            progress(sum(map(len, seqs)))
+        return out
+
+
+def model_fingerprint(model: Any) -> str:
+    """A hash of everything that determines a model's embeddings: weights, tokenizer, compute dtype."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.tokenizer.to_dict(), sort_keys=True).encode())
+    h.update(str(model.dtype).encode())
+    for name, t in sorted(model.model.state_dict().items()):
+        if name.startswith("decoder.") or name == "lm_head_bias":
+            continue  # embeddings use the encoder only
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update((t.float() if t.is_floating_point() else t).numpy().tobytes())
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """Shard files ``<dir>/<fingerprint>/<kind>-<uuid>.npz`` holding ``keys`` (MD5s) and, per protein,
+    ``emb [N, D]`` float32, or per residue ``emb [sum L, D]`` float16 with ``offsets [N + 1]``."""
+
+    def __init__(self, root: str | Path, fingerprint: str) -> None:
+        self.dir = Path(root) / fingerprint
+
+    def load(self, kind: str, wanted: set[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        if not self.dir.is_dir():
+            return found
+        for shard in sorted(self.dir.glob(f"{kind}-*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    keys = z["keys"].astype(str).tolist()
+                    hits = [i for i, k in enumerate(keys) if k in wanted and k not in found]
+                    if not hits:
+                        continue
+                    emb = z["emb"]
+                    if kind == "residue":
+                        off = z["offsets"]
+                        found.update({keys[i]: emb[off[i] : off[i + 1]] for i in hits})
+                    else:
+                        found.update({keys[i]: emb[i] for i in hits})
+            except (OSError, ValueError, KeyError) as exc:  # a damaged shard is ignored, not fatal
+                log.warning("ignoring unreadable embedding cache shard %s: %s", shard, exc)
+        return found
+
+    def save(self, kind: str, items: dict[str, np.ndarray]) -> None:
+        if not items:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        keys = np.array(list(items), dtype="S32")
+        if kind == "residue":
+            arrays = list(items.values())
+            offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
+            payload = {"emb": np.concatenate(arrays).astype(np.float16), "offsets": offsets}
+        else:
+            payload = {"emb": np.stack(list(items.values())).astype(np.float32)}
+        name = f"{kind}-{uuid.uuid4().hex}.npz"
+        tmp = self.dir / f".{name}.partial"
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, keys=keys, **payload)
+            os.replace(tmp, self.dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class EmbeddingFeaturizer:
+    """Frozen-encoder features of a loaded :class:`~prott5nv.api.ProtT5nv`. Proteins longer than the
+    model's limit are truncated to it (counted in :attr:`truncated`)."""
+
+    name = "embeddings"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        batch_tokens: int = 4096,
+        cache_dir: str | Path | None = None,
+        model_name: str = "",
+        max_length: int | None = None,
+    ) -> None:
+        self.model = model
+        self.dim = model.embedding_dim
+        self.batch_tokens = batch_tokens
+        self.max_length = length_limit(model.max_length, max_length)
+        self.model_name = model_name or getattr(model, "name", "")
+        self._fingerprint: str | None = None
+        self.cache = EmbeddingCache(cache_dir, self.fingerprint) if cache_dir else None
+        self.truncated = 0
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name, "model": self.model_name, "fingerprint": self.fingerprint,
+                "max_length": self.max_length, "pooling": "mean",
+                "dtype": str(self.model.dtype).removeprefix("torch.")}  # fmt: skip
+
+    def _cut(self, seqs: Sequence[str]) -> list[str]:
+        if self.max_length is None:
+            return list(seqs)
+        self.truncated = sum(len(s) > self.max_length for s in seqs)
+        if self.truncated:
+            log.info("%d protein(s) longer than %d residues: using their first %d", self.truncated,
+                     self.max_length, self.max_length)  # fmt: skip
+        return [s[: self.max_length] for s in seqs]
+
+    def _compute(self, seqs: list[str], per_residue: bool, progress: Progress | None) -> list[np.ndarray]:
+        from ..data.batching import token_budget_batches
+
+        tokens = self.model.encode(seqs)
+        out: list[np.ndarray] = [np.empty(0)] * len(seqs)
+        for batch in token_budget_batches([len(t) for t in tokens], self.batch_tokens):
+            hiddens, mask = self.model.tokens_to_hiddens([tokens[i] for i in batch])
+            if per_residue:
+                for j, i in enumerate(batch):
+                    out[i] = hiddens[j, : len(seqs[i])].cpu().numpy().astype(np.float16)
+            else:
+                pooled = self.model.hiddens_to_embedding(hiddens, mask).cpu().numpy()
+                for j, i in enumerate(batch):
+                    out[i] = pooled[j]
+            if progress:
+                progress(sum(len(seqs[i]) for i in batch))
+        return out
+
+    def _features(self, seqs: Sequence[str], per_residue: bool, progress: Progress | None) -> list[np.ndarray]:
+        seqs = self._cut(seqs)
+        kind = "residue" if per_residue else "protein"
+        keys = [sequence_key(s) for s in seqs]
+        have = self.cache.load(kind, set(keys)) if self.cache else {}
+        todo: dict[str, str] = {}
+        for k, s in zip(keys, seqs, strict=True):
+            if k not in have:
+                todo.setdefault(k, s)
+        if have:
+            log.info("embedding cache: %d of %d proteins found", len(seqs) - sum(k in todo for k in keys), len(seqs))
+            if progress:
+                progress(sum(len(s) for k, s in zip(keys, seqs, strict=True) if k not in todo))
+        if todo:
+            new = dict(zip(todo, self._compute(list(todo.values()), per_residue, progress), strict=True))
+            if self.cache:
+                self.cache.save(kind, new)
+            have.update(new)
+        return [have[k] for k in keys]
+
+    def per_residue(self, seqs: Sequence[str], progress: Progress | None = None) -> list[np.ndarray]:
+        return self._features(seqs, True, progress)
+
+    def per_protein(self, seqs: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        feats = self._features(seqs, False, progress)
+        return np.stack(feats).astype(np.float32) if feats else np.zeros((0, self.dim), np.float32)
+
+
+def make_featurizer(kind: str, model: Any = None, **options: Any) -> OneHotFeaturizer | EmbeddingFeaturizer:
+    """`embeddings` (needs `model`), `composition` / `onehot` (no model)."""
+    if kind in ("composition", "onehot"):
+        return OneHotFeaturizer(kind)
+    if kind != "embeddings":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown features {kind!r}; choose one of {', '.join(FEATURES)}")
+    return EmbeddingFeaturizer(model, **options)

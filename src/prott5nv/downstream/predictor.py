@@ -1,0 +1,172 @@
+"""A saved predictor: ``RUN_DIR/predictor.json`` (task, classes, features and base model, head shape,
+training options), ``RUN_DIR/head.safetensors`` (the head, its normalization included) and, after
+fine-tuning, ``RUN_DIR/model/`` (the tuned encoder as a native checkpoint). Loading executes no code.
+
+    >>> predictor = load_predictor("runs/localization")
+    >>> predictor.predict(["MKTAYIAKQR..."])  # ['Cytoplasm']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, ConfigError
+from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
+from .features import EmbeddingFeaturizer, OneHotFeaturizer, make_featurizer
+from .heads import Head
+from .tasks import Task, label_text
+from .training import FrozenRows, TokenRows, run_net
+
+log = logging.getLogger(__name__)
+
+FORMAT = "prott5nv-predictor"
+FORMAT_VERSION = 1
+
+
+class Predictor:
+    """A trained head with its features: frozen (a featurizer) or fine-tuned (its own encoder)."""
+
+    def __init__(self, task: Task, head: Head, *, featurizer: Any = None, model: Any = None,
+                 max_length: int | None = None, batch_size: int = 64, batch_tokens: int = 4096) -> None:  # fmt: skip
+        if (featurizer is None) == (model is None):
+            raise ConfigError("a predictor needs either a featurizer (frozen) or a model (fine-tuned)")
+        self.task, self.head = task, head.eval()
+        self.featurizer, self.model = featurizer, model
+        self.max_length, self.batch_size, self.batch_tokens = max_length, batch_size, batch_tokens
+
+    @property
+    def finetuned(self) -> bool:
+        return self.model is not None
+
+    def predict_encoded(
+        self, seqs: Sequence[str], progress: Callable[[int], None] | None = None
+    ) -> tuple[list[Any], list[Any]]:
+        """Encoded predictions (class indices / float arrays, per protein or per residue) and class
+        probabilities, for already-cleaned sequences."""
+        if not seqs:
+            return [], []
+        if self.model is not None:
+            from .training import EncoderHead
+
+            rows: Any = TokenRows(self.task, self.model, seqs, None, self.max_length, self.batch_tokens)
+            net: Any = EncoderHead(self.model.model, self.head, self.model.tokenizer.num_special_suffix)
+            preds, probs, _ = run_net(net, self.head, self.task, rows, self.batch_size)
+            if progress:
+                progress(sum(map(len, seqs)))
+            return preds, probs
+        per = self.featurizer.per_residue if self.task.per_residue else self.featurizer.per_protein
+        rows = FrozenRows(self.task, per(seqs, progress), None)
+        preds, probs, _ = run_net(self.head, self.head, self.task, rows, self.batch_size)
+        return preds, probs
+
+    def predict(
+        self, seqs: Sequence[str] | str, ids: Sequence[str] | None = None, policy: SequencePolicy = DEFAULT_POLICY
+    ) -> list[Any]:
+        """Predictions in the task's terms: a class name, a per-residue label string, a number (a list
+        for several targets) or a per-residue float array. Proteins longer than the model's limit are
+        cut to it (per-residue predictions then cover the first residues only)."""
+        seqs = [seqs] if isinstance(seqs, str) else list(seqs)
+        names = list(ids) if ids is not None else [f"sequence {i + 1}" for i in range(len(seqs))]
+        clean = [clean_sequence(s, n, policy) for s, n in zip(seqs, names, strict=True)]
+        preds, _ = self.predict_encoded(clean)
+        return [self.decode(p) for p in preds]
+
+    def decode(self, pred: Any) -> Any:
+        if self.task.kind == "protein-classification":
+            return self.task.classes[int(pred)]  # type: ignore[index]
+        if self.task.kind == "residue-classification":
+            return label_text(self.task, pred)
+        if self.task.kind == "protein-regression":
+            values = [float(v) for v in np.atleast_1d(pred)]
+            return values[0] if len(values) == 1 else values
+        return np.asarray(pred, dtype=np.float32)
+
+    # ---------------------------------------------------------------------------------- saving
+    def describe(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        features = {"type": "finetuned", "model": "model"} if self.finetuned else self.featurizer.describe()
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task.to_dict(),
+                "features": features, "head": self.head.config(), "max_length": self.max_length,
+                **(extra or {})}  # fmt: skip
+
+    def save_into(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the predictor files into an existing directory (the caller makes it atomic)."""
+        from ..checkpoint import write_native
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(state, str(directory / "head.safetensors"), metadata={"format": "pt"})
+        if self.model is not None:
+            (directory / "model").mkdir()
+            write_native(encoder_only(self.model.model), self.model.tokenizer, directory / "model")
+        (directory / "predictor.json").write_text(json.dumps(self.describe(extra), indent=2) + "\n")
+
+
+def encoder_only(model: Any) -> Any:
+    """A copy of a T5Model without its decoder (what a fine-tuned predictor needs)."""
+    from ..model.t5 import T5Model
+
+    out = T5Model(model.config.replace(num_decoder_layers=0))
+    state = {k: v for k, v in model.state_dict().items() if k in out.state_dict()}
+    out.load_state_dict(state)
+    return out.eval()
+
+
+def load_predictor(
+    run_dir: str | os.PathLike,
+    *,
+    model: Any = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_tokens: int = 4096,
+) -> Predictor:
+    """Load a predictor saved by ``prott5nv finetune``. A frozen-feature predictor loads its base model
+    from the recorded name/path unless `model` (a loaded :class:`~prott5nv.api.ProtT5nv`) is given;
+    either way the model's fingerprint must match the one it was trained on."""
+    from ..api import load
+
+    run = Path(run_dir)
+    desc_path = run / "predictor.json"
+    try:
+        desc = json.loads(desc_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{desc_path}: cannot read predictor description: {exc}") from None
+    if desc.get("format") != FORMAT:
+        raise CheckpointError(f"{desc_path}: not a prott5nv predictor")
+    if desc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{desc_path}: predictor format {desc['format_version']} is newer than supported")
+    try:
+        task = Task.from_dict(desc["task"])
+        head = Head.from_config(desc["head"])
+        state = load_file(str(run / "head.safetensors"))
+        head.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError, OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{run}: invalid predictor files: {exc}") from None
+    features = desc["features"]
+    max_length = desc.get("max_length")
+    if features["type"] == "finetuned":
+        tuned = load(run / features["model"], device=device, dtype=dtype)
+        return Predictor(task, head.to(tuned.device), model=tuned, max_length=max_length, batch_tokens=batch_tokens)
+    if features["type"] == "embeddings":
+        if model is None:
+            if not features.get("model"):
+                raise ConfigError(f"{desc_path}: the base model was not recorded; pass model=")
+            model = load(features["model"], device=device, dtype=dtype or features.get("dtype"))
+        featurizer = EmbeddingFeaturizer(model, cache_dir=cache_dir, batch_tokens=batch_tokens, max_length=max_length,
+                                         model_name=features.get("model", ""))  # fmt: skip
+        if featurizer.fingerprint != features.get("fingerprint"):
+            raise CheckpointError(
+                f"{run}: the base model {features.get('model') or getattr(model, 'name', '')!r} is not the one this "
+                "predictor was trained on (its weights differ)"
+            )
+        return Predictor(task, head, featurizer=featurizer, max_length=max_length)
+    feat: OneHotFeaturizer = make_featurizer(features["type"])  # type: ignore[assignment]
+    return Predictor(task, head, featurizer=feat)
