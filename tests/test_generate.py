@@ -39,8 +39,10 @@ def hf_pair(tmp_path_factory):
     """A random-weight HF T5ForConditionalGeneration and the same weights loaded into our `t5` family.
     Weights are drawn 3x wider than HF's default (less repetitive outputs) and the EOS row is scaled up so
     that hypotheses end at different lengths (exercises EOS handling and beam bookkeeping)."""
-    transformers = pytest.importorskip("transformers")
-    hf_interop = pytest.importorskip("prott5nv.interop.hf")
+    import transformers
+
+    from prott5nv.interop import hf as hf_interop
+
     torch.manual_seed(1)
     cfg = transformers.T5Config(
         vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,

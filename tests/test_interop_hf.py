@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+import transformers  # noqa: E402 - the test extra installs it; a missing install must fail, not skip
 from safetensors.torch import load_file
 
 from prott5nv.checkpoint import load_checkpoint
@@ -19,7 +20,6 @@ from prott5nv.model.config import preset
 from prott5nv.model.t5 import T5Model
 from prott5nv.tokenizer import ROSTLAB_PIECES, ProteinTokenizer
 
-transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 HFConfig, T5EncoderModel, T5ForConditionalGeneration = (
     transformers.T5Config, transformers.T5EncoderModel, transformers.T5ForConditionalGeneration

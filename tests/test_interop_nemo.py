@@ -382,7 +382,8 @@ def test_not_a_nemo_archive(tmp_path):
 
 # ------------------------------------------------------------------------------- spm + CLI
 def test_hand_written_spm_matches_real_sentencepiece(spm_model_bytes):
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
+
     data = spm_model_bytes(PROTT5NV_PIECES)
     proc = spm.SentencePieceProcessor(model_proto=data)
     assert [proc.id_to_piece(i) for i in range(proc.get_piece_size())] == list(PROTT5NV_PIECES)
@@ -390,7 +391,8 @@ def test_hand_written_spm_matches_real_sentencepiece(spm_model_bytes):
 
 
 def test_reader_parses_a_trained_sentencepiece_model():
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
+
     residues = PROTT5NV_PIECES[5:]
     lines = [r * (5 + 2 * (len(residues) - i)) for i, r in enumerate(residues) for _ in range(10)]
     buf = io.BytesIO()
