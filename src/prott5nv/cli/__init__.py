@@ -16,7 +16,7 @@ from ..errors import ProtT5nvError
 
 #: Command modules under prott5nv.cli, in the order `--help` lists them.
 COMMANDS = ("embed", "info", "preprocess", "pretrain", "convert", "generate", "infill", "score", "serve", "finetune",
-            "predict")
+            "predict", "export_onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:

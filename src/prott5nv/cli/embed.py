@@ -1,54 +1,131 @@
-"""`prott5nv embed INPUT -o OUT.h5`: per-protein (or per-residue) embeddings of a FASTA file."""
+"""`prott5nv embed INPUT -o OUT`: per-protein and/or per-residue embeddings of a FASTA file.
+
+Under `torchrun` (environment RANK / WORLD_SIZE / LOCAL_RANK) every process embeds its share of the
+records (record i -> rank i % WORLD_SIZE, on cuda:LOCAL_RANK when the device is CUDA) and rank 0 writes
+the merged output. Flags are added in groups (`_add_*_args`) so other front ends can reuse them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from tqdm import tqdm
 
+from ..api import DTYPES
 from ..inference.embed import EmbedOptions, embed_fasta
+from ..inference.writers import FORMATS, POOLINGS
 from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
-        help="embed proteins of a FASTA file into HDF5",
-        description="Embed every protein of a FASTA file (plain or gzip) with the encoder. Output: HDF5, "
-        "one dataset per protein named by its FASTA id (attribute original_id): the mean over residues "
-        "(D,) by default, or (L, D) per residue with --per-residue.",
+        help="embed proteins of a FASTA file (HDF5, .npy directory or Parquet)",
+        description="Embed every protein of a FASTA file (plain or gzip) with the encoder. Output by name: "
+        "OUT.h5 (bio_embeddings layout: one dataset per protein named by its FASTA id, attribute "
+        "original_id), OUT.parquet (one row per protein) or a directory of .npy files. Default: the mean "
+        "over residues (D,); --pooling and --per-residue choose other outputs. An interrupted run "
+        "(Ctrl-C, kill) resumes when the same command is run again. Several processes: "
+        "`torchrun --nproc-per-node N -m prott5nv embed ...`.",
     )
     p.add_argument("input", help="FASTA file (plain or .gz)")
-    p.add_argument("-o", "--output", required=True, help="output HDF5 file (written atomically)")
+    p.add_argument("-o", "--output", required=True, help="output file or directory (written atomically)")
     add_model_args(p)
-    p.add_argument("--per-residue", action="store_true", help="store (L, D) per-residue embeddings")
-    p.add_argument(
-        "--batch-tokens", type=int, default=4096,
-        help="token budget per batch, padding included (default: 4096)",
-    )  # fmt: skip
-    p.add_argument("--max-length", type=int, default=None, help="longest protein allowed (default: model limit)")
-    p.add_argument(
-        "--truncate", action="store_true",
-        help="keep the first --max-length residues of longer proteins (default: refuse them)",
-    )  # fmt: skip
+    _allow_auto_dtype(p)
+    _add_output_args(p)
+    _add_batching_args(p)
+    _add_long_protein_args(p)
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
 
 
+def _allow_auto_dtype(p: argparse.ArgumentParser) -> None:
+    """`--dtype auto`: bfloat16 where the CPU/GPU supports it, else float32 (embed only)."""
+    for action in p._actions:
+        if action.dest == "dtype":
+            action.choices = [*DTYPES, "auto"]
+            action.help += "; auto: bfloat16 where supported (CUDA, CPUs with AVX512-BF16/AMX), else float32"
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--pooling", default=None,
+        help=f"comma-separated per-protein poolings from {','.join(POOLINGS)} (default: mean, or none with "
+        "--per-residue); 'first' is the first residue's state (ProtT5nv has no BOS/CLS token)",
+    )  # fmt: skip
+    g.add_argument("--per-residue", action="store_true", help="store (L, D) per-residue embeddings")
+    g.add_argument("--format", choices=FORMATS, default=None, help="default: from the output name")
+    g.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
+
+
+def _add_batching_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batching and threads")
+    g.add_argument(
+        "--batch-tokens", type=int, default=4096,
+        help="token budget per batch, padding included (default: 4096)",
+    )  # fmt: skip
+    g.add_argument("--window", type=int, default=4096, help="records sorted by length together (default: 4096)")
+    g.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads per process (default: PyTorch's choice, divided among local torchrun processes)",
+    )  # fmt: skip
+
+
+def _add_long_protein_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("long proteins (default: refuse them, listing them)")
+    g.add_argument("--max-length", type=int, default=None, help="longest protein allowed (default: model limit)")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--truncate", action="store_true", help="keep the first --max-length residues")
+    how.add_argument(
+        "--chunk", action="store_true",
+        help="embed overlapping windows and stitch them (each residue from the window where it is farthest "
+        "from an edge); poolings are over the stitched residues",
+    )  # fmt: skip
+    g.add_argument("--chunk-size", type=int, default=None, help="window length (default: --max-length)")
+    g.add_argument("--chunk-overlap", type=int, default=128, help="residues shared by neighbouring windows")
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    rank, world, local_rank = distributed_env()
+    if world > 1 and args.device in ("cuda", "auto") and torch.cuda.is_available():
+        args.device = f"cuda:{local_rank}"
+    threads = args.threads
+    if threads is None and world > 1:
+        threads = max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if threads:
+        torch.set_num_threads(threads)
     model = load_model(args)
     options = EmbedOptions(
         per_residue=args.per_residue,
+        poolings=tuple(p.strip() for p in args.pooling.split(",") if p.strip()) if args.pooling else None,
         batch_tokens=args.batch_tokens,
         max_length=args.max_length,
-        truncate=args.truncate,
+        long_policy="truncate" if args.truncate else "chunk" if args.chunk else "refuse",
+        chunk_size=args.chunk_size,
+        chunk_overlap=args.chunk_overlap,
         policy=sequence_policy(args),
+        window=args.window,
+        format=args.format,
+        restart=args.restart,
+        rank=rank,
+        world_size=world,
     )
     bar: tqdm | None = None
 
-    def on_start(records: int, residues: int) -> None:
+    def on_start(proteins: int, residues: int) -> None:
         nonlocal bar
-        bar = tqdm(total=residues, unit="res", unit_scale=True, desc="embed", dynamic_ncols=True)
+        desc = "embed" if world == 1 else f"embed rank {rank}"
+        bar = tqdm(total=residues, unit="res", unit_scale=True, desc=desc, dynamic_ncols=True, position=rank)
 
     def on_batch(proteins: int, residues: int) -> None:
         if bar is not None:

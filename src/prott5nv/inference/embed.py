@@ -1,61 +1,104 @@
-"""Embedding a FASTA file: validate everything first, then stream length-sorted token-budget batches
-through the encoder and write each protein as soon as it is computed.
+"""Embedding a FASTA file of any size: streaming, resumable, shardable over processes.
 
-Pass 1 reads the whole file cheaply (ids, lengths, policy checks) so that bad input, duplicate ids and
-too-long proteins are reported before any compute and without leaving output behind. Pass 2 reads it
-again in windows of `window` records; each window is sorted by length and cut into batches of at most
-`batch_tokens` padded tokens, so memory stays bounded whatever the file size.
+1. **Validate** (pass 1): every record is read once and checked (alphabet, empty records, duplicate ids,
+   output-name clashes, proteins over the length limit), before any compute and without leaving output
+   behind. Kept in memory: the ids seen (for the duplicate and clash checks: O(records) strings), the
+   first 20 too-long proteins and counts -- nothing else.
+2. **Embed** (pass 2): this rank's records (record i goes to rank ``i % world_size``) are read again in
+   windows of `window` records (the bounded look-ahead); each window's pieces are sorted by length and
+   cut into batches of at most `batch_tokens` padded tokens (:func:`~prott5nv.data.batching.token_budget_batches`).
+   Each finished batch is appended to the partial output (:mod:`.store`) and flushed, so memory stays
+   bounded whatever the file size and an interrupted run resumes where it stopped: windows and batches
+   depend only on the input and the settings, so a resumed run skips exactly the batches already saved
+   and computes the others exactly as an uninterrupted run would (bit-identical values).
+3. **Merge**: rank 0 waits for every rank's share, then writes the final file (HDF5, `.npy` directory or
+   Parquet) from the partial output through a temporary and a rename, and removes the partial output.
+
+Long proteins: refused (default, listed), truncated, or cut into overlapping windows whose per-residue
+outputs are stitched (:mod:`.chunking`); poolings are then taken over the stitched residues.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
 from ..api import ProtT5nv
 from ..data.batching import token_budget_batches
-from ..errors import ConfigError, InvalidSequenceError, SequenceTooLongError
+from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError, SequenceTooLongError
 from ..fasta import read_fasta
 from ..sequence import DEFAULT_POLICY, SequencePolicy
-from .writers import H5Writer, h5_key
+from .chunking import check_chunking, chunk_starts, stitch
+from .store import PartialRun
+from .writers import FORMATS, KINDS, POOLINGS, format_from_path, h5_key, open_writer
 
 log = logging.getLogger(__name__)
+
+LONG_POLICIES = ("refuse", "truncate", "chunk")
 
 
 @dataclass
 class EmbedOptions:
     per_residue: bool = False
+    poolings: tuple[str, ...] | None = None  # None: ("mean",), or () with per_residue
     batch_tokens: int = 4096
     max_seqs_per_batch: int | None = None
     max_length: int | None = None  # residues; None = the model's limit
-    truncate: bool = False  # else refuse proteins over the limit
+    long_policy: str = "refuse"  # refuse | truncate | chunk
+    chunk_size: int | None = None  # residues per window; None = the length limit
+    chunk_overlap: int = 128
     policy: SequencePolicy = field(default_factory=lambda: DEFAULT_POLICY)
     window: int = 4096  # records sorted together (bounded look-ahead)
+    format: str | None = None  # h5 | npy | parquet; None = from the output name
+    restart: bool = False  # discard an interrupted run's partial output instead of resuming it
+    rank: int = 0
+    world_size: int = 1
+
+    def kinds(self) -> tuple[str, ...]:
+        """The outputs, in storage order: the poolings, then ``per_residue``."""
+        pools = self.poolings if self.poolings is not None else (() if self.per_residue else ("mean",))
+        unknown = [p for p in pools if p not in POOLINGS]
+        if unknown:
+            raise ConfigError(f"unknown pooling {unknown[0]!r}; choose from {', '.join(POOLINGS)}")
+        kinds = tuple(dict.fromkeys(pools)) + (("per_residue",) if self.per_residue else ())
+        if not kinds:
+            raise ConfigError("nothing to output: give --pooling and/or --per-residue")
+        return kinds
 
 
 @dataclass
 class EmbedSummary:
-    proteins: int
+    proteins: int  # in the output (this rank's share on ranks > 0)
     residues: int
     truncated: int
+    chunked: int
+    resumed: int  # proteins found already embedded by an interrupted run
+    computed_residues: int  # residues embedded by this run
     seconds: float
     output: str
 
     @property
     def residues_per_second(self) -> float:
-        return self.residues / self.seconds if self.seconds else 0.0
+        return self.computed_residues / self.seconds if self.seconds else 0.0
 
     def line(self) -> str:
-        trunc = f", {self.truncated} truncated" if self.truncated else ""
+        notes = [f"{self.truncated} truncated"] if self.truncated else []
+        notes += [f"{self.chunked} chunked"] if self.chunked else []
+        extra = "".join(f", {n}" for n in notes)
+        resumed = f"; {self.resumed} resumed from an interrupted run" if self.resumed else ""
         return (
-            f"embedded {self.proteins} proteins ({self.residues} residues{trunc}) in {self.seconds:.1f} s "
-            f"({self.residues_per_second:.0f} residues/s) -> {self.output}"
+            f"embedded {self.proteins} proteins ({self.residues} residues{extra}) in {self.seconds:.1f} s "
+            f"({self.residues_per_second:.0f} residues/s{resumed}) -> {self.output}"
         )
 
 
@@ -70,23 +113,112 @@ def effective_max_length(model: ProtT5nv, requested: int | None) -> int | None:
     return requested
 
 
-def scan_fasta(path: str | os.PathLike, policy: SequencePolicy, limit: int | None) -> tuple[int, int, list]:
-    """Pass 1: validate every record. Returns (records, residues, [(id, length) over the limit])."""
-    n = residues = 0
-    too_long: list[tuple[str, int]] = []
-    keys: dict[str, str] = {}
-    for rec in read_fasta(path, policy):
+@dataclass
+class ScanResult:
+    records: int = 0
+    too_long: int = 0
+    too_long_listed: list[tuple[str, int]] = field(default_factory=list)  # the first 20
+    shard_proteins: int = 0  # this rank's share
+    shard_residues: int = 0  # residues this rank will embed (after truncation)
+
+
+def scan_fasta(
+    path: str | os.PathLike, policy: SequencePolicy, limit: int | None, opt: EmbedOptions | None = None
+) -> ScanResult:
+    """Pass 1: validate every record (see module docstring)."""
+    opt = opt or EmbedOptions()
+    out = ScanResult()
+    keys: dict[str, str] = {}  # output name -> id (O(records) memory, like the reader's duplicate check)
+    for i, rec in enumerate(read_fasta(path, policy)):
         key = h5_key(rec.id)
         if key in keys:
             raise InvalidSequenceError(
                 f"{path}:{rec.line}: record '{rec.id}': its output name '{key}' clashes with record '{keys[key]}'"
             )
         keys[key] = rec.id
-        n += 1
-        residues += len(rec.sequence)
-        if limit is not None and len(rec.sequence) > limit:
-            too_long.append((rec.id, len(rec.sequence)))
-    return n, residues, too_long
+        n = len(rec.sequence)
+        if limit is not None and n > limit:
+            out.too_long += 1
+            if len(out.too_long_listed) < 20:
+                out.too_long_listed.append((rec.id, n))
+            if opt.long_policy == "truncate":
+                n = limit
+        if i % opt.world_size == opt.rank:
+            out.shard_proteins += 1
+            out.shard_residues += n
+        out.records += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------- outputs
+def pool(residues: np.ndarray, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The outputs of one protein from its per-residue states ``[L, D]`` (float32)."""
+    out: dict[str, np.ndarray] = {}
+    for kind in kinds:
+        if kind == "mean":
+            out[kind] = residues.mean(0, dtype=np.float64).astype(np.float32)
+        elif kind == "max":
+            out[kind] = residues.max(0)
+        elif kind == "first":
+            out[kind] = residues[0].copy()
+        else:
+            out[kind] = residues
+    return out
+
+
+def split_outputs(data: np.ndarray, kinds: tuple[str, ...], length: int, dim: int) -> dict[str, np.ndarray]:
+    """Inverse of concatenating :func:`pool`'s arrays in `kinds` order (how the partial output stores them)."""
+    out, pos = {}, 0
+    for kind in kinds:
+        n = length * dim if kind == "per_residue" else dim
+        out[kind] = data[pos : pos + n].reshape(-1, dim) if kind == "per_residue" else data[pos : pos + n]
+        pos += n
+    return out
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+@dataclass
+class _Protein:
+    record: int
+    id: str
+    length: int  # residues embedded
+    starts: list[int]  # window starts ([0]: one piece)
+
+
+@dataclass
+class _Piece:
+    protein: int  # index into the window's proteins
+    k: int  # window number within the protein
+    tokens: np.ndarray
+
+
+def _settings(model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, kinds, fmt, limit, chunk) -> dict:
+    """What must match for a partial output to be resumed (input identity included)."""
+    st = os.stat(input_path)
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+    return {
+        "prott5nv_version": __version__,
+        "input": str(Path(input_path).resolve()), "input_bytes": st.st_size, "input_mtime_ns": st.st_mtime_ns,
+        "model": model.name, "model_config_sha1": hashlib.sha1(config).hexdigest(),
+        "dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
+        "outputs": list(kinds), "format": fmt, "long_policy": opt.long_policy, "max_length": limit,
+        "chunk_size": chunk, "chunk_overlap": opt.chunk_overlap if opt.long_policy == "chunk" else None,
+        "batch_tokens": opt.batch_tokens, "max_seqs_per_batch": opt.max_seqs_per_batch, "window": opt.window,
+        "world_size": opt.world_size, "policy": dataclasses.asdict(opt.policy),
+    }  # fmt: skip
+
+
+def _check_options(opt: EmbedOptions) -> None:
+    if opt.batch_tokens <= 0:
+        raise ConfigError(f"--batch-tokens must be positive, got {opt.batch_tokens}")
+    if opt.window <= 0:
+        raise ConfigError(f"window must be positive, got {opt.window}")
+    if opt.long_policy not in LONG_POLICIES:
+        raise ConfigError(f"unknown long-protein policy {opt.long_policy!r}; choose from {', '.join(LONG_POLICIES)}")
+    if opt.format is not None and opt.format not in FORMATS:
+        raise ConfigError(f"unknown output format {opt.format!r}; choose one of {', '.join(FORMATS)}")
+    if opt.world_size < 1 or not 0 <= opt.rank < opt.world_size:
+        raise ConfigError(f"rank {opt.rank} is not in [0, world_size={opt.world_size})")
 
 
 def embed_fasta(
@@ -97,74 +229,172 @@ def embed_fasta(
     on_batch: Callable[[int, int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> EmbedSummary:
-    """Embed every protein of a FASTA file into an HDF5 file (see module docstring).
+    """Embed every protein of a FASTA file (see module docstring); resumes an interrupted run.
 
-    `on_start(records, residues)` is called after validation, `on_batch(proteins, residues)` after each
-    batch (the CLI drives its progress bar with them).
+    `on_start(proteins, residues)` is called after validation with this rank's share, `on_batch(proteins,
+    residues)` as proteins are saved or found already saved (the CLI drives its progress bar with them).
     """
     opt = options or EmbedOptions()
-    if opt.batch_tokens <= 0:
-        raise ConfigError(f"--batch-tokens must be positive, got {opt.batch_tokens}")
+    _check_options(opt)
+    kinds = opt.kinds()
+    fmt = opt.format or format_from_path(output_path)
     limit = effective_max_length(model, opt.max_length)
-    n_records, n_residues, too_long = scan_fasta(input_path, opt.policy, limit)
-    if too_long and not opt.truncate:
-        listed = ", ".join(f"{rid} ({length})" for rid, length in too_long[:20])
-        more = f" and {len(too_long) - 20} more" if len(too_long) > 20 else ""
+    chunk = None
+    if opt.long_policy == "chunk" and limit is not None:
+        chunk = opt.chunk_size or limit
+        check_chunking(chunk, opt.chunk_overlap, limit)
+    scan = scan_fasta(input_path, opt.policy, limit, opt)
+    if scan.too_long and opt.long_policy == "refuse":
+        listed = ", ".join(f"{rid} ({length})" for rid, length in scan.too_long_listed)
+        more = f" and {scan.too_long - len(scan.too_long_listed)} more" if scan.too_long > 20 else ""
         raise SequenceTooLongError(
-            f"{input_path}: {len(too_long)} protein(s) longer than {limit} residues: {listed}{more}; "
-            "use --truncate to keep the first residues"
+            f"{input_path}: {scan.too_long} protein(s) longer than {limit} residues: {listed}{more}; "
+            "use --truncate to keep the first residues or --chunk to embed overlapping windows"
         )
+    run = PartialRun(output_path, _settings(model, input_path, opt, kinds, fmt, limit, chunk), opt.rank, opt.world_size)
+    done = run.open(scan.records, restart=opt.restart)
     if on_start:
-        on_start(n_records, n_residues)
-    attrs = {
-        "model": model.name,
-        "prott5nv_version": __version__,
-        "per_residue": opt.per_residue,
-        "pooling": "none" if opt.per_residue else "mean",
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "max_length": limit if limit is not None else -1,
-    }
+        on_start(scan.shard_proteins, scan.shard_residues)
     start = time.perf_counter()
-    computed = 0
-    with H5Writer(output_path, attrs) as writer:
-        window: list[tuple[str, np.ndarray]] = []
-        for rec in read_fasta(input_path, opt.policy):
-            seq = rec.sequence if limit is None else rec.sequence[:limit]
-            window.append((rec.id, model.tokenizer.encode(seq, rec.id)))
-            if len(window) >= opt.window:
-                computed += _embed_window(model, window, writer, opt, on_batch)
-                window = []
-        if window:
-            computed += _embed_window(model, window, writer, opt, on_batch)
-    seconds = time.perf_counter() - start
+    try:
+        computed = _embed_shard(model, input_path, opt, kinds, limit, chunk, done, run, on_batch)
+    except KeyboardInterrupt:
+        run.close()
+        log.warning("interrupted: the proteins saved so far are in %s; rerun the same command to resume", run.dir)
+        raise
+    except BaseException:
+        run.close()
+        raise
+    run.finish()
     summary = EmbedSummary(
-        proteins=writer.written, residues=computed, truncated=len(too_long), seconds=seconds,
-        output=str(output_path),
+        proteins=scan.shard_proteins, residues=scan.shard_residues, truncated=scan.too_long if chunk is None else 0,
+        chunked=scan.too_long if chunk is not None else 0, resumed=run.resumed, computed_residues=computed,
+        seconds=0.0, output=str(output_path),
     )  # fmt: skip
+    if opt.rank == 0:
+        run.wait_for_ranks()
+        attrs = _attrs(model, opt, kinds, limit, chunk)
+        summary.proteins, summary.residues = _merge(run, fmt, output_path, kinds, attrs, scan.records)
+        run.remove()
+    else:
+        summary.output = f"{run.dir} (rank {opt.rank}; rank 0 merges)"
+    summary.seconds = time.perf_counter() - start
     log.debug(summary.line())
     return summary
 
 
-def _embed_window(
+def _attrs(model: ProtT5nv, opt: EmbedOptions, kinds: tuple[str, ...], limit: int | None, chunk: int | None) -> dict:
+    pools = [k for k in kinds if k != "per_residue"]
+    return {
+        "model": model.name,
+        "prott5nv_version": __version__,
+        "per_residue": "per_residue" in kinds,
+        "pooling": ",".join(pools) if pools else "none",
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "max_length": limit if limit is not None else -1,
+        "long_policy": opt.long_policy,
+        "chunk_size": chunk if chunk is not None else -1,
+        "chunk_overlap": opt.chunk_overlap if chunk is not None else -1,
+    }
+
+
+def _windows(
+    model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, limit: int | None, chunk: int | None
+) -> Iterator[tuple[list[_Protein], list[_Piece]]]:
+    """This rank's records in windows of `opt.window`, each protein cut into its pieces."""
+    proteins: list[_Protein] = []
+    pieces: list[_Piece] = []
+    for i, rec in enumerate(read_fasta(input_path, opt.policy)):
+        if i % opt.world_size != opt.rank:
+            continue
+        seq = rec.sequence
+        starts = [0]
+        if limit is not None and len(seq) > limit:
+            if chunk is None:
+                seq = seq[:limit]
+            else:
+                starts = chunk_starts(len(seq), chunk, opt.chunk_overlap)
+        size = chunk if len(starts) > 1 else len(seq)
+        for k, s in enumerate(starts):
+            pieces.append(_Piece(len(proteins), k, model.tokenizer.encode(seq[s : s + size], rec.id)))
+        proteins.append(_Protein(i, rec.id, len(seq), starts))
+        if len(proteins) >= opt.window:
+            yield proteins, pieces
+            proteins, pieces = [], []
+    if proteins:
+        yield proteins, pieces
+
+
+def _embed_shard(
     model: ProtT5nv,
-    window: list[tuple[str, np.ndarray]],
-    writer: H5Writer,
+    input_path: str | os.PathLike,
     opt: EmbedOptions,
+    kinds: tuple[str, ...],
+    limit: int | None,
+    chunk: int | None,
+    done: np.ndarray,
+    run: PartialRun,
     on_batch: Callable[[int, int], None] | None,
 ) -> int:
-    lengths = [len(t) for _, t in window]
-    residues = 0
-    for batch in token_budget_batches(lengths, opt.batch_tokens, opt.max_seqs_per_batch):
-        hiddens, mask = model.tokens_to_hiddens([window[i][1] for i in batch])
-        if opt.per_residue:
-            lens = mask.sum(1).tolist()
-            arrays = [hiddens[j, :n].cpu().numpy() for j, n in enumerate(lens)]
-        else:
-            arrays = list(model.hiddens_to_embedding(hiddens, mask).cpu().numpy())
-        n_res = int(mask.sum())
-        for j, i in enumerate(batch):
-            writer.write(window[i][0], arrays[j])
-        residues += n_res
-        if on_batch:
-            on_batch(len(batch), n_res)
-    return residues
+    """Embed this rank's proteins not yet `done`, appending each batch to `run`. Returns residues computed."""
+    computed = 0
+    for proteins, pieces in _windows(model, input_path, opt, limit, chunk):
+        skipped = [p for p in proteins if done[p.record]]
+        if skipped and on_batch:
+            on_batch(len(skipped), sum(p.length for p in skipped))
+        lengths = [len(p.tokens) for p in pieces]
+        partial: dict[int, list[np.ndarray | None]] = {}  # chunked proteins waiting for windows
+        for batch in token_budget_batches(lengths, opt.batch_tokens, opt.max_seqs_per_batch):
+            if all(done[proteins[pieces[i].protein].record] for i in batch):
+                continue
+            hiddens, mask = model.tokens_to_hiddens([pieces[i].tokens for i in batch])
+            states, lens = hiddens.cpu().numpy(), mask.sum(1).tolist()
+            finished: list[tuple[_Protein, np.ndarray]] = []
+            for j, i in enumerate(batch):
+                piece = pieces[i]
+                prot = proteins[piece.protein]
+                if done[prot.record]:
+                    continue
+                residues = states[j, : lens[j]]
+                if len(prot.starts) > 1:
+                    parts = partial.setdefault(piece.protein, [None] * len(prot.starts))
+                    parts[piece.k] = residues.copy()
+                    if any(p is None for p in parts):
+                        continue
+                    residues = stitch(partial.pop(piece.protein), prot.starts, prot.length)
+                finished.append((prot, residues))
+            run.append([
+                (p.record, p.id, p.length, np.concatenate([a.reshape(-1) for a in pool(r, kinds).values()]))
+                for p, r in finished
+            ])  # fmt: skip
+            batch_residues = sum(p.length for p, _ in finished)
+            for p, _ in finished:
+                done[p.record] = True
+            computed += int(mask.sum())
+            if on_batch:
+                on_batch(len(finished), batch_residues)
+    return computed
+
+
+def _merge(
+    run: PartialRun, fmt: str, output_path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict, expected: int
+) -> tuple[int, int]:
+    """Write the final output from the partial one (all `expected` proteins). Returns (proteins, residues)."""
+    proteins = residues = 0
+    dim = None
+    with open_writer(fmt, output_path, kinds, attrs) as writer:
+        for stored in run.proteins():
+            if dim is None:
+                pooled = sum(k != "per_residue" for k in kinds)
+                dim = stored.data.size // (pooled + (stored.length if "per_residue" in kinds else 0))
+            writer.write(stored.record, stored.id, stored.length, split_outputs(stored.data, kinds, stored.length, dim))
+            proteins += 1
+            residues += stored.length
+        if proteins != expected:
+            raise ProtT5nvError(
+                f"{run.dir}: holds {proteins} proteins, the input has {expected}; rerun with --restart to start over"
+            )
+    return proteins, residues
+
+
+__all__ = ["KINDS", "EmbedOptions", "EmbedSummary", "embed_fasta", "pool", "scan_fasta", "split_outputs"]

@@ -1,9 +1,15 @@
-"""Embedding writers. Output goes to a temporary file beside the target and is renamed into place only
-when the run completes, so an interrupted run never leaves a file that looks finished."""
+"""Embedding writers: HDF5 (bio_embeddings layout), a directory of `.npy` files, or Parquet.
+
+Every writer builds its output under a temporary name beside the target and renames it into place only
+on :meth:`commit`, so a reader never sees a half-written file. Outputs ("kinds") are the poolings
+``mean``/``max``/``first`` (``(D,)`` per protein) and ``per_residue`` (``(L, D)``).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -11,45 +17,76 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import ProtT5nvError
+from ..errors import ConfigError, ProtT5nvError
+
+POOLINGS = ("mean", "max", "first")
+KINDS = (*POOLINGS, "per_residue")
+FORMATS = ("h5", "npy", "parquet")
 
 
 def h5_key(record_id: str) -> str:
-    """HDF5 dataset name of a record: the FASTA id with `/` (the HDF5 path separator) replaced by `_`."""
+    """Dataset (and `.npy` file) name of a record: the FASTA id with `/` replaced by `_`."""
     return record_id.replace("/", "_")
 
 
-class H5Writer:
-    """bio_embeddings layout: one dataset per protein named by its id, attribute `original_id`;
-    `(D,)` per-protein or `(L, D)` per-residue. File attributes record how it was made."""
+def format_from_path(path: str | os.PathLike) -> str:
+    """Output format implied by the name: `.parquet`/`.pq` -> parquet, `.h5`/`.hdf5` -> h5, else npy
+    (a directory)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".h5", ".hdf5", ".hdf"):
+        return "h5"
+    return "npy"
 
-    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any] | None = None) -> None:
+
+class Writer:
+    """Base class: temporary-then-rename lifecycle and the count of proteins written."""
+
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict[str, Any] | None) -> None:
         self.path = Path(path)
-        if self.path.is_dir():
-            raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
+        self.kinds, self.attrs = kinds, dict(attrs or {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.partial")
-        self._file = h5py.File(self.tmp_path, "w")
-        for k, v in (attrs or {}).items():
-            self._file.attrs[k] = v
+        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        self._remove(self.tmp_path)
         self.written = 0
 
-    def write(self, record_id: str, array: np.ndarray) -> None:
-        ds = self._file.create_dataset(h5_key(record_id), data=array)
-        ds.attrs["original_id"] = record_id
-        self.written += 1
+    def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
+        """Store one protein: its input position, id, residue count and one array per kind."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
     def commit(self) -> None:
-        self._file.close()
-        os.replace(self.tmp_path, self.path)
+        self._close()
+        if self.path.is_dir() and not self.tmp_path.is_dir():
+            raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
+        if self.path.exists() and self.path.is_dir() != self.tmp_path.is_dir():
+            self._remove(self.path)
+        if self.tmp_path.is_dir() and self.path.exists():  # directories cannot be replaced in one rename
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
+            old.rmdir()
+            self.path.rename(old)
+            self.tmp_path.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp_path, self.path)
 
     def abort(self) -> None:
         try:
-            self._file.close()
+            self._close()
         finally:
-            self.tmp_path.unlink(missing_ok=True)
+            self._remove(self.tmp_path)
 
-    def __enter__(self) -> H5Writer:
+    def __enter__(self) -> Writer:
         return self
 
     def __exit__(
@@ -59,3 +96,126 @@ class H5Writer:
             self.commit()
         else:
             self.abort()
+
+
+class H5Writer(Writer):
+    """bio_embeddings layout: one dataset per protein named by its id (attribute `original_id`), at the
+    root when there is one output kind, else under one group per kind (`/mean/ID`, `/per_residue/ID`).
+    File attributes record how the file was made."""
+
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
+        super().__init__(path, kinds, attrs)
+        if self.path.is_dir():
+            raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
+        self._file = h5py.File(self.tmp_path, "w")
+        for k, v in self.attrs.items():
+            self._file.attrs[k] = v
+        self._groups = {k: self._file if len(kinds) == 1 else self._file.create_group(k) for k in kinds}
+
+    def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
+        for kind in self.kinds:
+            ds = self._groups[kind].create_dataset(h5_key(record_id), data=outputs[kind])
+            ds.attrs["original_id"] = record_id
+        self.written += 1
+
+    def _close(self) -> None:
+        self._file.close()
+
+
+class NpyWriter(Writer):
+    """A directory: `ID.npy` per protein (`ID.KIND.npy` when several kinds) and `index.tsv` listing
+    record number, id, length and the file of each kind, in the order written."""
+
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
+        super().__init__(path, kinds, attrs)
+        self.tmp_path.mkdir()
+        self._index = open(self.tmp_path / "index.tsv", "w")
+        self._index.write("\t".join(["record", "id", "length", *kinds]) + "\n")
+
+    def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
+        key = h5_key(record_id)
+        names = [f"{key}.npy" if len(self.kinds) == 1 else f"{key}.{k}.npy" for k in self.kinds]
+        for kind, name in zip(self.kinds, names, strict=True):
+            np.save(self.tmp_path / name, outputs[kind])
+        self._index.write("\t".join([str(record), record_id, str(length), *names]) + "\n")
+        self.written += 1
+
+    def _close(self) -> None:
+        self._index.close()
+        with open(self.tmp_path / "attrs.tsv", "w") as fh:
+            fh.writelines(f"{k}\t{v}\n" for k, v in self.attrs.items())
+
+
+class ParquetWriter(Writer):
+    """One row per protein: `record` (input position), `id`, `length`, then one column per kind
+    (pooled: fixed-size lists of D floats; per_residue: a list of such rows). Needs pyarrow."""
+
+    ROW_GROUP_FLOATS = 16 << 20
+
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError("Parquet output needs pyarrow: pip install 'prott5nv[parquet]'") from None
+        super().__init__(path, kinds, attrs)
+        if self.path.is_dir():
+            raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
+        self._pa, self._pq = pa, pq
+        self._writer = None
+        self._rows: list[tuple[int, str, int, dict[str, np.ndarray]]] = []
+        self._floats = 0
+
+    def _schema(self, dim: int):  # noqa: ANN202 - pyarrow.Schema
+        pa = self._pa
+        vec = pa.list_(pa.float32(), dim)
+        fields = [pa.field("record", pa.int64()), pa.field("id", pa.string()), pa.field("length", pa.int32())]
+        fields += [pa.field(k, pa.list_(vec) if k == "per_residue" else vec) for k in self.kinds]
+        meta = {str(k): str(v) for k, v in self.attrs.items()}
+        return pa.schema(fields, metadata=meta)
+
+    def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
+        self._rows.append((record, record_id, length, outputs))
+        self._floats += sum(outputs[k].size for k in self.kinds)
+        self.written += 1
+        if self._floats >= self.ROW_GROUP_FLOATS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        pa = self._pa
+        dim = self._rows[0][3][self.kinds[0]].shape[-1]
+        if self._writer is None:
+            self._writer = self._pq.ParquetWriter(self.tmp_path, self._schema(dim))
+        schema = self._writer.schema
+        cols: dict[str, Any] = {
+            "record": pa.array([r[0] for r in self._rows], pa.int64()),
+            "id": pa.array([r[1] for r in self._rows], pa.string()),
+            "length": pa.array([r[2] for r in self._rows], pa.int32()),
+        }
+        for kind in self.kinds:
+            arrays = [r[3][kind] for r in self._rows]
+            flat = pa.array(np.concatenate([a.reshape(-1) for a in arrays]), pa.float32())
+            vectors = pa.FixedSizeListArray.from_arrays(flat, dim)
+            if kind == "per_residue":
+                offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+                vectors = pa.ListArray.from_arrays(pa.array(offsets), vectors)
+            cols[kind] = vectors
+        self._writer.write_table(pa.Table.from_pydict(cols, schema=schema))
+        self._rows, self._floats = [], 0
+
+    def _close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+
+
+WRITERS: dict[str, type[Writer]] = {"h5": H5Writer, "npy": NpyWriter, "parquet": ParquetWriter}
+
+
+def open_writer(fmt: str, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict | None = None) -> Writer:
+    """A writer of format `fmt` ("h5", "npy" or "parquet") for outputs `kinds`."""
+    if fmt not in WRITERS:
+        raise ConfigError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return WRITERS[fmt](path, kinds, attrs)
