@@ -12,10 +12,8 @@ import os
 
 from tqdm import tqdm
 
-from ..api import DTYPES
-from ..inference.embed import EmbedOptions, embed_fasta
 from ..inference.writers import FORMATS, POOLINGS
-from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
+from .common import DTYPE_NAMES, add_model_args, add_sequence_policy_args, load_model, sequence_policy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +42,7 @@ def _allow_auto_dtype(p: argparse.ArgumentParser) -> None:
     """`--dtype auto`: bfloat16 where the CPU/GPU supports it, else float32 (embed only)."""
     for action in p._actions:
         if action.dest == "dtype":
-            action.choices = [*DTYPES, "auto"]
+            action.choices = [*DTYPE_NAMES, "auto"]
             action.help += "; auto: bfloat16 where supported (CUDA, CPUs with AVX512-BF16/AMX), else float32"
 
 
@@ -95,6 +93,8 @@ def distributed_env() -> tuple[int, int, int]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from ..inference.embed import EmbedOptions, embed_fasta
 
     rank, world, local_rank = distributed_env()
     if world > 1 and args.device in ("cuda", "auto") and torch.cuda.is_available():

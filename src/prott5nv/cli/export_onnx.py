@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import load_checkpoint
-from ..inference.onnx_export import export_onnx
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..inference.onnx_export import export_onnx
+
     model, _ = load_checkpoint(args.model)
     path = export_onnx(model, args.output, opset=args.opset)
     print(f"exported the encoder of {args.model} ({model.config.num_layers} layers) -> {path}")
