@@ -224,3 +224,65 @@ def test_dataset_with_workers_matches_single_process(built) -> None:
     assert len(single) == len(multi) == -(-len(sampler) // 16)
     for a, b in zip(single, multi, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_small_units_and_flushes_give_the_same_store(built, inputs, tmp_path, monkeypatch) -> None:
+    """Many FASTA units, many hash-partition flushes and split chunks: the same bytes as one big step."""
+    from prott5nv import fasta
+
+    monkeypatch.setattr(fasta, "_CHUNK", 4096)
+    monkeypatch.setattr(pp._HashPartitions, "_FLUSH", 300)
+    monkeypatch.setattr(pp, "_CHUNK_RECORDS", 257)
+    data, manifest = built
+    again = preprocess(inputs, tmp_path / "small", CFG)
+    assert again["counts"] == manifest["counts"] and again["splits"] == manifest["splits"]
+    for name in ("residues.bin", "ids.bin", "offsets.npy", "id_offsets.npy"):
+        assert (tmp_path / "small" / "sequences" / name).read_bytes() == (data / "sequences" / name).read_bytes()
+    for split in SPLITS:
+        assert np.array_equal(np.load(tmp_path / "small" / f"{split}.npy"), np.load(data / f"{split}.npy"))
+
+
+def test_hash_partitions_confirm_matches_on_the_bytes(swissprot_2k, naive_fasta, tmp_path) -> None:
+    """Duplicates found one partition at a time equal a plain first-occurrence pass, even when distinct
+    sequences are given the same hash (the bytes decide)."""
+    seqs = [s for _, s, _ in naive_fasta(swissprot_2k)[:300]]
+    seqs = seqs + seqs[::7] + seqs[:40:3]  # exact copies, some twice
+    colliding = set(seqs[:300:5])  # distinct sequences given one hash
+    hashes = np.array([hash(seqs[0]) if s in colliding else hash(s) for s in seqs], np.int64)
+    parts = pp._HashPartitions(tmp_path, "h")
+    parts._FLUSH = 97
+    for a in range(0, len(seqs), 50):
+        parts.append(hashes[a : a + 50], np.arange(a, min(a + 50, len(seqs))))
+    keep = np.ones(len(seqs), bool)
+    keep[3] = False  # already dropped: never a first copy
+    count, pairs = parts.duplicates(lambda i, j: seqs[i] == seqs[j], keep, 5)
+    expected, seen = np.ones(len(seqs), bool), set()
+    expected[3] = False
+    for i, s in enumerate(seqs):
+        if i != 3:
+            expected[i] = s not in seen
+            seen.add(s)
+    assert np.array_equal(keep, expected) and count == int((~expected).sum()) - 1
+    assert [later for _, later in pairs] == np.flatnonzero(~expected)[1:6].tolist()
+    assert all(seqs[first] == seqs[later] and first < later for first, later in pairs)
+    assert not any(p.exists() for p in parts.paths)
+
+
+def test_true_positions_match_flatnonzero(monkeypatch) -> None:
+    monkeypatch.setattr(pp, "_CHUNK_RECORDS", 10)
+    mask = np.random.default_rng(0).random(1000) < 0.3
+    ranks = np.random.default_rng(1).choice(int(mask.sum()), 50, replace=False)
+    assert np.array_equal(pp._true_positions(mask, ranks), np.flatnonzero(mask)[ranks])
+
+
+def test_preprocess_imports_no_torch() -> None:
+    """`prott5nv preprocess` starts without the model stack (fast start, small memory)."""
+    import subprocess
+    import sys
+
+    code = "import sys, prott5nv.cli.preprocess, prott5nv.data.preprocess; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    from prott5nv.api import DTYPES
+    from prott5nv.cli.common import DTYPE_NAMES
+
+    assert DTYPE_NAMES == tuple(DTYPES)

@@ -172,20 +172,81 @@ def test_on_read_sees_raw_bytes(swissprot_2k: Path, tmp_path: Path) -> None:
     packed = tmp_path / "p.fa.gz"
     packed.write_bytes(gzip.compress(swissprot_2k.read_bytes()))
     seen: list[bytes] = []
-    n = sum(1 for _ in FastaReader(packed, on_read=seen.append))
+    n = sum(1 for _ in FastaReader(packed, on_read=lambda chunk: seen.append(bytes(chunk))))
     assert n == 2000 and b"".join(seen) == packed.read_bytes()
 
 
-def test_blocks_without_line_tracking(first_records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fasta, "_CHUNK", 300)  # many blocks: errors must still count lines across them
+def test_blocks_across_many_units(first_records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fasta, "_CHUNK", 300)  # many units: errors must still count lines across them
     path, rid = bad_file(first_records, tmp_path, lambda s: s)
-    blocks = list(FastaReader(path, track_lines=False).blocks())
-    assert len(blocks) > 3 and all(b.lines == [] for b in blocks)
-    assert all(b.packed == b"\n".join(b.sequences) for b in blocks)
+    blocks = list(FastaReader(path).blocks())
+    assert len(blocks) > 3 and all(b.descriptions is None for b in blocks)
+    assert all(b.packed == b"".join(s + b"\n" for s in b.sequences) for b in blocks)
+    assert all(b.id_packed == b"".join(i + b"\n" for i in b.ids) for b in blocks)
     assert [s.decode() for b in blocks for s in b.sequences] == [s for _, s, _ in first_records]
+    assert [n for b in blocks for n in b.lengths.tolist()] == [len(s) for _, s, _ in first_records]
+    assert [n for b in blocks for n in b.lines.tolist()] == list(range(1, 40, 2))
     lines = path.read_text().splitlines()
     lines[31] = lines[31][:4] + "#" + lines[31][5:]  # record 16's sequence line
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InvalidSequenceError) as exc:
-        list(FastaReader(path, track_lines=False).blocks())
+        list(FastaReader(path).blocks())
     assert str(exc.value) == f"{path}:31, record '{first_records[15][0]}': invalid character '#' at position 5"
+
+
+def variants(first_records) -> dict[str, str]:
+    """The same real records laid out in ways the whole-array path must read exactly like the naive parse."""
+    recs = first_records
+    return {
+        "plain": "".join(f">{r} some description\n{s}\n" for r, s, _ in recs),
+        "wrapped_no_final_newline": "".join(f">{r}\n{s[:60]}\n{s[60:]}\n" for r, s, _ in recs).rstrip("\n"),
+        "tabs_and_blanks_in_headers": "".join(f">{r}\tdesc  more \n{s}\n" for r, s, _ in recs),
+        "blank_lines": "".join(f"\n>{r}\n\n{s[:50]}\n\n{s[50:]}\n\n" for r, s, _ in recs),
+        "crlf": "".join(f">{r} d\r\n{s[:30]}\r\n{s[30:]}\r\n" for r, s, _ in recs),
+        "lowercase": "".join(f">{r}\n{s.lower()}\n" for r, s, _ in recs),
+        "blanks_in_sequence": "".join(f">{r}\n{s[:10]} {s[10:20]}\t{s[20:]}\n" for r, s, _ in recs),
+        "stops": "".join(f">{r}\n{s}*\n" for r, s, _ in recs),
+    }
+
+
+@pytest.mark.parametrize("chunk", [64, 1000, 1 << 20])
+def test_layouts_match_naive_parse(first_records, naive_fasta, tmp_path: Path, monkeypatch, chunk: int) -> None:
+    monkeypatch.setattr(fasta, "_CHUNK", chunk)
+    for name, text in variants(first_records).items():
+        path = write(tmp_path / f"{name}.fa", text)
+        got = list(read_fasta(path))
+        naive = [(rid, "".join(seq.split()), line) for rid, seq, line in naive_fasta(path)]  # no inner blanks
+        assert [(r.id, r.sequence, r.line) for r in got] == naive, name
+        assert [(r.id, r.sequence) for r in got] == [(r, s) for r, s, _ in first_records], name
+        if name == "tabs_and_blanks_in_headers":
+            assert {r.description for r in got} == {"desc  more"}
+        blocks = list(FastaReader(path).blocks())
+        assert b"".join(b.packed for b in blocks) == b"".join(s.encode() + b"\n" for _, s, _ in first_records)
+        gz = write(tmp_path / f"{name}.fa.gz", gzip.compress(text.encode()))
+        assert [(r.id, r.sequence, r.line) for r in read_fasta(gz)] == naive, name
+
+
+def test_common_files_take_the_whole_array_path(swissprot_2k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real Swiss-Prot text needs no record-by-record work (the point of the fast path)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("careful path used")
+
+    monkeypatch.setattr(FastaReader, "_parse", refuse)
+    monkeypatch.setattr(fasta, "_CHUNK", 1 << 16)  # several units
+    blocks = list(FastaReader(swissprot_2k).blocks())
+    assert len(blocks) > 3 and sum(map(len, blocks)) == 2000
+
+
+def test_bad_record_in_a_later_unit_names_its_line(
+    first_records, naive_fasta, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fasta, "_CHUNK", 700)
+    text = "".join(f">{r} x\n{s[:60]}\n{s[60:]}\n" for r, s, _ in first_records)
+    path = write(tmp_path / "late.fa", text.replace(first_records[17][1][60:70], first_records[17][1][60:65] + ">" +
+                                                    first_records[17][1][66:70]))  # fmt: skip
+    line = naive_fasta(path)[17][2]
+    with pytest.raises(InvalidSequenceError) as exc:
+        list(read_fasta(path))
+    assert str(exc.value) == f"{path}:{line}, record '{first_records[17][0]}': invalid character '>' at position 66"
+    reader = FastaReader(path, skip_invalid=True)
+    assert [r.id for r in reader] == [r for i, (r, _, _) in enumerate(first_records) if i != 17]

@@ -25,3 +25,7 @@ class CheckpointError(ProtT5nvError):
 
 class ConfigError(ProtT5nvError, ValueError):
     """Inconsistent or unknown configuration settings."""
+
+
+class StoreError(ProtT5nvError):
+    """A data directory is missing, incomplete (interrupted preprocess) or inconsistent."""

@@ -1,15 +1,20 @@
 """Streaming FASTA reading (plain or gzip, detected by content) under the input policy of SPEC.md §8.
 
-The file is read in blocks of whole records (a few MiB each), and each block is parsed with a handful of
-C-level bytes operations (a regex split on ``\\n>``, one ``translate`` that upper-cases and drops
-whitespace, one that checks the alphabet). Only blocks holding a problem (a bad character, an empty
-record, a missing id, a duplicate) fall back to record-by-record checking, which produces the error text
-of :func:`~prott5nv.sequence.clean_sequence`. Memory stays at a few blocks, plus the set of seen ids when
-duplicate checking is on. Every error names the file, the line of the record's header and the record id.
+The file is read in units of whole records (8 MiB each) by a read-ahead thread, which also finds the
+newlines and header starts with numpy (file reads, gzip inflation, the caller's checksum and numpy scans
+release the GIL, so they overlap with parsing). Each unit is parsed with whole-array operations and no
+per-record Python work: header lines are overwritten in place, one ``translate`` leaves the store's
+``SEQ\\nSEQ\\n`` layout, and one search for NUL checks the alphabet (:meth:`FastaReader._parse_fast`).
+Units holding anything unusual (a bad character, '*', text before the first header, an empty record or
+id, a duplicate) take the careful path instead: a regex split and, for a unit with a problem,
+record-by-record checking, which produces the error text of :func:`~prott5nv.sequence.clean_sequence`.
+Memory stays at a few units, plus the set of seen ids when duplicate checking is on. Every error names
+the file, the line of the record's header and the record id.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import logging
@@ -19,8 +24,9 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,6 +46,24 @@ _VALID = RESIDUES.encode()
 _VALID_OR_SEP = _VALID + b"\n"
 # One match per header line: group 1 is the id (first word), group 2 the rest of the line.
 _HEADER = re.compile(rb"\n>(\S*)([^\n]*)")
+_NL, _GT = ord("\n"), ord(">")
+_BLANK_CODES = np.frombuffer(b" \t\r\v\f", np.uint8)  # whitespace that can occur inside a header line
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_table(policy: SequencePolicy) -> tuple[bytes, bytes]:
+    """``translate`` arguments of the whole-array path: residues (either case) to upper case, '>' (the
+    record marker) to a newline, whitespace (and gaps, under `strip_gaps`) deleted, every other byte to
+    NUL -- the one value checked afterwards (other letters to X under `unknown_to_x`)."""
+    table = bytearray(256)
+    for c in RESIDUES.encode():
+        table[c] = table[c | 0x20] = c
+    if policy.unknown_to_x:
+        for c in range(ord("A"), ord("Z") + 1):
+            if not table[c]:
+                table[c] = table[c | 0x20] = ord("X")
+    table[_GT] = _NL
+    return bytes(table), _WHITESPACE + (b"-." if policy.strip_gaps else b"")
 
 
 @dataclass(frozen=True)
@@ -52,34 +76,94 @@ class FastaRecord:
 
 @dataclass
 class FastaBlock:
-    """The valid records of one block of a FASTA file, as bytes (what :mod:`prott5nv.data` stores)."""
+    """The valid records of one block of a FASTA file, column-wise as bytes (what :mod:`prott5nv.data`
+    stores): no per-record Python objects unless :attr:`ids` / :attr:`sequences` are asked for."""
 
-    ids: list[bytes]
-    sequences: list[bytes]  # cleaned: upper case, no whitespace, no trailing '*'
-    descriptions: list[bytes]
-    lines: list[int]  # header line of each record
-    packed: bytes | None = None  # the sequences joined by b"\n", when the block needed no cleaning
+    packed: bytes | bytearray  # cleaned sequences (upper case, no whitespace, no final '*'), each + b"\n"
+    lengths: np.ndarray  # int64, residues of each record
+    id_packed: bytes  # record ids, each followed by b"\n"
+    id_lengths: np.ndarray  # int64
+    lines: np.ndarray  # int64, header line of each record
+    descriptions: list[bytes] | None = None  # rest of each header line, when asked for
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def ids(self) -> list[bytes]:
+        return self.id_packed.split(b"\n")[:-1]
+
+    @property
+    def sequences(self) -> list[bytes]:
+        return bytes(self.packed).split(b"\n")[:-1]
+
+    @classmethod
+    def from_records(
+        cls, ids: list[bytes], sequences: list[bytes], descriptions: list[bytes] | None, lines: list[int]
+    ) -> FastaBlock:
+        n = len(ids)
+        return cls(
+            packed=b"".join(s + b"\n" for s in sequences),
+            lengths=np.fromiter(map(len, sequences), np.int64, n),
+            id_packed=b"".join(i + b"\n" for i in ids),
+            id_lengths=np.fromiter(map(len, ids), np.int64, n),
+            lines=np.asarray(lines, np.int64).reshape(n),
+            descriptions=descriptions,
+        )
+
+    def select(self, keep: np.ndarray, join: bool = True) -> FastaBlock:
+        """The records where boolean `keep` is true, taken as runs of kept records (not one by one).
+        With ``join=False``, :attr:`packed` and :attr:`id_packed` are lists of memoryviews of this
+        block's buffers (for a writer: no copy)."""
+        if keep.all():
+            return self
+        edges = np.diff(keep.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+        first, stop = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        packed = _take_runs(self.packed, self.lengths, first, stop)
+        id_packed = _take_runs(self.id_packed, self.id_lengths, first, stop)
+        return FastaBlock(
+            packed=b"".join(packed) if join else packed,  # type: ignore[arg-type]
+            lengths=self.lengths[keep],
+            id_packed=b"".join(id_packed) if join else id_packed,  # type: ignore[arg-type]
+            id_lengths=self.id_lengths[keep],
+            lines=self.lines[keep],
+            descriptions=None if self.descriptions is None else list(compress(self.descriptions, keep)),
+        )
+
+
+def _take_runs(packed: bytes | bytearray, lengths: np.ndarray, first: np.ndarray, stop: np.ndarray) -> list:
+    """Views of items ``first[i]:stop[i]`` of `packed` (items of `lengths` bytes, each followed by one
+    separator)."""
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths + 1, out=offsets[1:])
+    view = memoryview(packed).toreadonly()
+    return [view[a:b] for a, b in zip(offsets[first].tolist(), offsets[stop].tolist(), strict=True)]
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions ``starts[i] .. starts[i] + lengths[i] - 1`` of all items, concatenated, and where
+    each item begins in that concatenation."""
+    offsets = np.cumsum(lengths) - lengths
+    total = int(offsets[-1] + lengths[-1]) if len(lengths) else 0
+    return np.repeat(starts - offsets, lengths) + np.arange(total), offsets
 
 
 class _Tap(io.RawIOBase):
-    """A read-only file wrapper that shows every chunk read from disk to `callback` (checksums, progress)."""
+    """A read-only file wrapper that shows every chunk read from disk to `callback` (checksums, progress).
+    The chunk is a read-only view, valid during the call only."""
 
-    def __init__(self, raw: io.BufferedReader, callback: Callable[[bytes], None]):
+    def __init__(self, raw: io.BufferedReader, callback: Callable[[memoryview], None]):
         self._raw, self._callback = raw, callback
 
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        if data:
-            self._callback(data)
-        return data
-
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        n = self._raw.readinto(buffer)
+        if n:
+            with memoryview(buffer) as view, view[:n] as chunk, chunk.toreadonly() as seen:
+                self._callback(seen)
+        return n
 
     def close(self) -> None:
         self._raw.close()
@@ -87,7 +171,7 @@ class _Tap(io.RawIOBase):
 
 
 def open_maybe_gzip(
-    path: str | os.PathLike, on_read: Callable[[bytes], None] | None = None
+    path: str | os.PathLike, on_read: Callable[[memoryview], None] | None = None
 ) -> io.BufferedIOBase:
     """Open `path` for binary reading, decompressing when its first bytes are the gzip magic.
 
@@ -107,27 +191,89 @@ def record_id_from_header(header: str) -> str:
     return parts[0] if parts else ""
 
 
-def _prefetch(fh: io.IOBase) -> Iterator[bytes]:
-    """Yield chunks of `fh` read ahead by a thread: file reads, gzip inflation and the `on_read` checksum
-    release the GIL, so they overlap with parsing."""
-    chunks: queue.Queue = queue.Queue(maxsize=3)
+def _fill(fh: io.IOBase, view: memoryview) -> int:
+    """Read into `view` until it is full or the file ends; returns the byte count."""
+    done = 0
+    while done < len(view):
+        n = fh.readinto(view[done:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        done += n
+    return done
+
+
+class _Unit(NamedTuple):
+    """Whole records: a fresh bytearray that starts with ``\n`` (the file's first unit with a virtual one)
+    and ends with ``\n`` (one is added at the end of the file), and what the read-ahead thread found."""
+
+    buf: bytearray
+    newlines: np.ndarray  # positions of every newline
+    heads: np.ndarray  # indices into `newlines` of those followed by '>' (header starts)
+    gts: int  # count of '>' anywhere
+
+
+def _scan(buf: bytearray, end: int, nl: np.ndarray | None = None) -> _Unit:
+    """Index the unit ``buf[:end]`` (`nl`: its newline positions, when known)."""
+    a = np.frombuffer(buf, np.uint8)[:end]
+    if nl is None:
+        nl = np.flatnonzero(a == _NL)
+    return _Unit(buf, nl, np.flatnonzero(a[nl[:-1] + 1] == _GT), int(np.count_nonzero(a == _GT)))
+
+
+def _read_units(fh: io.IOBase) -> Iterator[_Unit]:
+    """Split the file into units of whole records (see :class:`_Unit`). A record longer than a chunk makes
+    the next read larger (no quadratic copying)."""
+    carry = bytearray(b"\n")
+    while True:
+        buf = bytearray(len(carry) + max(_CHUNK, len(carry)))
+        buf[: len(carry)] = carry
+        with memoryview(buf) as view:
+            got = _fill(fh, view[len(carry) :])
+        end = len(carry) + got
+        del buf[end:]
+        if not got:  # end of file: what is left is the last unit
+            if buf.strip():
+                if not buf.endswith(b"\n"):
+                    buf += b"\n"
+                yield _scan(buf, len(buf))
+            return
+        a = np.frombuffer(buf, np.uint8)
+        nl = np.flatnonzero(a == _NL)
+        # the last header starts the carry; one right after the last newline waits for the next round
+        last = np.flatnonzero(a[nl[1:-1] + 1] == _GT)[-1:] + 1 if len(nl) > 2 else nl[:0]
+        del a
+        if not len(last):
+            carry = buf  # one record so far: read on
+            continue
+        cut = int(nl[last[0]])
+        carry = buf[cut:]
+        unit = _scan(buf, cut + 1, nl[: last[0] + 1])
+        del buf[cut + 1 :]
+        yield unit
+
+
+def _prefetch(items: Iterator) -> Iterator:
+    """Run the iterator `items` in a thread, a few items ahead: file reads, gzip inflation, the `on_read`
+    checksum and numpy scans release the GIL, so they overlap with parsing."""
+    out: queue.Queue = queue.Queue(maxsize=3)
     stop = threading.Event()
+    done = object()
 
     def put(item: object) -> None:
         while not stop.is_set():
             try:
-                chunks.put(item, timeout=0.1)
+                out.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
 
     def work() -> None:
         try:
-            while not stop.is_set():
-                chunk = fh.read(_CHUNK)
-                put(chunk)
-                if not chunk:
+            for item in items:
+                put(item)
+                if stop.is_set():
                     return
+            put(done)
         except BaseException as exc:  # handed to the consumer, raised there
             put(exc)
 
@@ -135,11 +281,11 @@ def _prefetch(fh: io.IOBase) -> Iterator[bytes]:
     thread.start()
     try:
         while True:
-            item = chunks.get()
+            item = out.get()
+            if item is done:
+                return
             if isinstance(item, BaseException):
                 raise item
-            if not item:
-                return
             yield item
     finally:
         stop.set()
@@ -156,40 +302,14 @@ def _header_lines(bodies: list[bytes], first: int) -> list[int]:
     return starts.tolist()
 
 
-def _blocks(fh: io.IOBase) -> Iterator[bytes]:
-    """Yield the file as blocks that each start with ``\\n>`` (the first with a virtual ``\\n``), so that
-    every block holds whole records. A record longer than a chunk is gathered without re-copying."""
-    pieces = [b"\n"]
-    size = 1  # total length of pieces
-    for chunk in _prefetch(fh):
-        cut = chunk.rfind(b"\n>")
-        if cut >= 0:
-            cut += size
-        elif chunk[:1] == b">" and pieces[-1].endswith(b"\n"):
-            cut = size - 1
-        else:
-            pieces.append(chunk)
-            size += len(chunk)
-            continue
-        data = b"".join([*pieces, chunk])
-        if cut > 0:
-            yield data[:cut]
-            data = data[cut:]
-        pieces, size = [data], len(data)
-    data = b"".join(pieces)
-    if data.strip():
-        yield data
-
-
 @dataclass
 class FastaReader:
     """Iterate over the records of one FASTA file.
 
     `skip_invalid`: instead of raising on a bad record, count it in :attr:`skipped` (with its message in
     :attr:`skipped_messages`, the first 100 kept) and go on. Structural problems (not FASTA, no records)
-    still raise. `on_read` sees every raw chunk read from disk (for checksums and progress).
-    `track_lines=False` leaves :attr:`FastaBlock.lines` empty in :meth:`blocks` where no record of the
-    block has a problem (saves a pass; error messages still name lines).
+    still raise. `on_read` sees every raw chunk read from disk (for checksums and progress; a read-only
+    view valid during the call).
     """
 
     path: str | os.PathLike
@@ -199,13 +319,12 @@ class FastaReader:
     skipped: int = 0
     skipped_messages: list[str] = field(default_factory=list)
     records: int = 0
-    on_read: Callable[[bytes], None] | None = None
-    track_lines: bool = True
+    on_read: Callable[[memoryview], None] | None = None
 
     def __iter__(self) -> Iterator[FastaRecord]:
-        for block in self._iter_blocks(track_lines=True):
+        for block in self._iter_blocks(describe=True):
             for rid, seq, desc, line in zip(
-                block.ids, block.sequences, block.descriptions, block.lines, strict=True
+                block.ids, block.sequences, block.descriptions or (), block.lines.tolist(), strict=True
             ):
                 yield FastaRecord(
                     id=rid.decode("utf-8", errors="replace"),
@@ -215,31 +334,107 @@ class FastaReader:
                 )
 
     def blocks(self) -> Iterator[FastaBlock]:
-        """Yield the valid records block by block (bytes, no per-record objects: the fast path)."""
-        return self._iter_blocks(self.track_lines)
+        """Yield the valid records block by block (column-wise bytes, no per-record objects: the fast
+        path; :attr:`FastaBlock.descriptions` is None)."""
+        return self._iter_blocks(describe=False)
 
-    def _iter_blocks(self, track_lines: bool) -> Iterator[FastaBlock]:
+    def _iter_blocks(self, describe: bool) -> Iterator[FastaBlock]:
         name = str(self.path)
         seen: set[bytes] = set()
         try:
             fh = open_maybe_gzip(self.path, self.on_read)
         except OSError as exc:
             raise FastaFormatError(f"{name}: cannot open: {exc.strerror or exc}") from None
-        base = 1  # line number of the first line after the block's leading newline
+        base = 1  # line number of the first line after the unit's leading newline
         with fh:
             try:
-                for raw in _blocks(fh):
-                    block = self._parse(raw, base, name, seen, track_lines)
-                    base += raw.count(b"\n")
-                    if block.ids:
+                for unit in _prefetch(_read_units(fh)):
+                    block = self._parse_fast(unit, base, seen, describe)
+                    if block is None:
+                        block = self._parse(bytes(unit.buf), base, name, seen)
+                    base += len(unit.newlines) - 1
+                    if len(block):
                         yield block
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
                 raise FastaFormatError(f"{name}:{base}: cannot read: {exc}") from None
         if self.records == 0 and self.skipped == 0:
             raise FastaFormatError(f"{name}: no FASTA records found")
 
-    # ------------------------------------------------------------------ block parsing
-    def _parse(self, raw: bytes, base: int, name: str, seen: set[bytes], track_lines: bool) -> FastaBlock:
+    # ------------------------------------------------------------------ unit parsing
+    def _parse_fast(self, unit: _Unit, base: int, seen: set[bytes], describe: bool) -> FastaBlock | None:
+        """Parse a unit with whole-array operations, or return None (unit left as it was) when it holds
+        anything unusual: text before the first header, '*' or another invalid character, a '>' not
+        starting a header, an empty record or id, a duplicate id. The careful path then handles it.
+        Lower case, CR, blanks (and gaps / unknown letters under the policy) are handled here.
+
+        Record r: header '>' at h, header text up to the newline at e, residue lines up to the newline
+        at m (the one before the next header, or the unit's last). Header lines are overwritten with
+        newlines and each m with '>', so one ``translate`` (:func:`_unit_table`: newlines deleted, '>'
+        to newline, residues upper-cased, anything else to NUL) leaves the store's ``SEQ\\nSEQ\\n``,
+        and a single search for NUL proves every byte valid. A '>' anywhere but at a header start
+        (`gts` counts them all) sends the unit to the careful path, so no marker can be forged.
+        """
+        buf, nl, heads = unit.buf, unit.newlines, unit.heads
+        if not len(heads) or heads[0] != 0 or len(heads) != unit.gts:
+            return None
+        a = np.frombuffer(buf, np.uint8)
+        n = len(heads)
+        h = nl[heads] + 1
+        e = nl[heads + 1]
+        nxt = np.append(heads[1:], len(nl) - 1)
+        m = nl[nxt]
+        lengths = (m - e - 1) - (nxt - heads - 2)  # bytes between e and m, less the newlines among them
+        text, starts = _ranges(h + 1, e - h)  # header texts with their newlines
+        header_bytes = a[text]
+        id_lengths = e - h - 1
+        blanks = np.flatnonzero(header_bytes < 33)
+        blanks = blanks[np.isin(header_bytes[blanks], _BLANK_CODES)]
+        if len(blanks):  # the id ends at the first blank of its header
+            owner = np.searchsorted(starts, blanks, "right") - 1
+            first = np.ones(len(owner), bool)
+            first[1:] = owner[1:] != owner[:-1]
+            id_lengths[owner[first]] = blanks[first] - starts[owner[first]]
+        if not (lengths.all() and id_lengths.all()):
+            return None
+        if len(blanks):  # keep each id and the byte after it, made a newline
+            ids = header_bytes[np.arange(len(text)) - np.repeat(starts, e - h) <= np.repeat(id_lengths, e - h)]
+            ids[np.cumsum(id_lengths + 1) - 1] = _NL
+            id_packed = ids.tobytes()
+        else:  # the header lines are the ids
+            id_packed = header_bytes.tobytes()
+        descriptions = None
+        if describe:
+            after = (h + 1 + id_lengths).tolist()
+            descriptions = [bytes(buf[s:t]) for s, t in zip(after, e.tolist(), strict=True)]
+        a[text] = _NL
+        a[h] = _NL
+        a[m] = _GT
+        packed = buf.translate(*_unit_table(self.policy))
+        good = b"\0" not in packed
+        if good and len(packed) != n + int(lengths.sum()):  # CR, blanks or gaps were deleted: count again
+            lengths = np.diff(np.flatnonzero(np.frombuffer(packed, np.uint8) == _NL), prepend=-1) - 1
+            good = bool(lengths.all())
+        if good and self.check_duplicates:
+            new = set(id_packed.split(b"\n")[:-1])
+            good = len(new) == n and seen.isdisjoint(new)
+            if good:
+                seen |= new
+        if not good:  # put the unit back as it was
+            a[m] = _NL
+            a[h] = _GT
+            a[text] = header_bytes
+            return None
+        self.records += n
+        return FastaBlock(
+            packed=packed,
+            lengths=lengths,
+            id_packed=id_packed,
+            id_lengths=id_lengths,
+            lines=base + heads,
+            descriptions=descriptions,
+        )
+
+    def _parse(self, raw: bytes, base: int, name: str, seen: set[bytes]) -> FastaBlock:
         parts = _HEADER.split(raw)
         pre = parts[0]
         if pre.strip():
@@ -251,7 +446,8 @@ class FastaReader:
                     )
         ids, descs, bodies = parts[1::3], parts[2::3], parts[3::3]
         if not bodies:
-            return FastaBlock([], [], [], [])
+            return FastaBlock.from_records([], [], [], [])
+        lines = _header_lines(bodies, base + pre.count(b"\n"))
         joined = b">".join(bodies).translate(_PACK, _WHITESPACE)
         odd = joined.translate(None, _VALID_OR_SEP)
         if odd and not odd.strip(b"*"):  # only stop symbols: fine if each ends its record
@@ -266,10 +462,9 @@ class FastaReader:
             fast = len(new) == len(ids) and seen.isdisjoint(new)
             if fast:
                 seen |= new
-        lines = _header_lines(bodies, base + pre.count(b"\n")) if track_lines or not fast else []
         if fast:
             self.records += len(ids)
-            return FastaBlock(ids, seqs, descs, lines, packed=joined)
+            return FastaBlock.from_records(ids, seqs, descs, lines)
         return self._parse_slowly(ids, descs, bodies, lines, name, seen)
 
     def _parse_slowly(
@@ -281,7 +476,7 @@ class FastaReader:
         name: str,
         seen: set[bytes],
     ) -> FastaBlock:
-        out = FastaBlock([], [], [], [])
+        out: tuple[list, list, list, list] = ([], [], [], [])
         for rid, desc, body, line in zip(ids, descs, bodies, lines, strict=True):
             try:
                 if not rid:  # the header starts with blanks: the id is the first word after them
@@ -304,11 +499,9 @@ class FastaReader:
                 log.warning("skipped invalid record: %s", exc)
                 continue
             self.records += 1
-            out.ids.append(rid)
-            out.sequences.append(seq)
-            out.descriptions.append(desc)
-            out.lines.append(line)
-        return out
+            for column, value in zip(out, (rid, seq, desc, line), strict=True):
+                column.append(value)
+        return FastaBlock.from_records(*out)
 
     def _clean(self, body: bytes, rid: bytes, name: str, line: int) -> bytes:
         seq = body.translate(_UPPER, _WHITESPACE).removesuffix(b"*")

@@ -2,28 +2,31 @@
 
 One streaming parse writes every record that passes the length filter, in file order, to
 ``sequences/`` (see :mod:`prott5nv.data.store`); the duplicate checks and the random split then work on
-per-record arrays, and each split is written as the sorted record numbers it owns -- no residue is
-copied twice. Memory: a few blocks of 8 MiB plus O(records) arrays of 8-byte values (lengths, 64-bit
-hashes of ids and -- with `dedup` -- of sequences, the sort order of one of them): about 30 bytes per
-record, ~1.5 GB for 50M records, independent of the residues. Hash matches are confirmed on the stored
-bytes, so de-duplication is exact; records dropped as duplicates stay in ``sequences/`` unreferenced.
+per-record values, and each split is written as the sorted record numbers it owns -- no residue is
+copied twice. Memory is bounded whatever the input size: a few blocks of 8 MiB; per-record values
+(lengths, 64-bit hashes of ids and -- with `dedup` -- of sequences, with record numbers) are spooled to
+disk, the hashes in 64 partitions by their top bits, so finding equal hashes holds one partition (1/64 of
+the records, 16 bytes each, plus its sort order) at a time; what stays in memory for the whole run is
+2 bytes per record (a keep flag and a split label): about 100 MB for 50M records. Hash matches are
+confirmed on the stored bytes, so de-duplication is exact; records dropped as duplicates stay in
+``sequences/`` unreferenced.
 
-Everything is built in a hidden sibling directory and renamed into place at the end; a run that stops
-early leaves no ``manifest.json`` in the target, and :func:`~prott5nv.data.store.load_manifest` refuses it.
+Everything is built in a hidden sibling directory and renamed into place at the end
+(:func:`~prott5nv.fsutil.atomic_directory`); a run that stops early leaves no ``manifest.json`` in the
+target, and :func:`~prott5nv.data.store.load_manifest` refuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,20 @@ import numpy as np
 
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import FastaReader
+from ..fsutil import atomic_directory
 from ..sequence import DEFAULT_POLICY, SequencePolicy
-from .store import FORMAT, FORMAT_VERSION, MANIFEST, SEQUENCES, SPLITS, SequenceStore, StoreWriter, _Int64Spool
+from .store import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SEQUENCES,
+    SPLITS,
+    SequenceStore,
+    StoreWriter,
+    _Int64Spool,
+    _NpyWriter,
+    read_npy_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +111,77 @@ def _later_duplicates(digests: np.ndarray, same: Callable[[int, int], bool]) -> 
     return sorted(pairs, key=lambda p: p[1])
 
 
+class _HashPartitions:
+    """(64-bit hash, record number) pairs spooled to disk in 64 files by the top bits of the hash: equal
+    hashes share a file, so duplicates are found one file -- 1/64 of the records -- at a time."""
+
+    _FLUSH = 1 << 20  # pairs gathered in memory before they are distributed to the files
+
+    def __init__(self, directory: Path, name: str):
+        self.paths = [directory / f"{name}.{i:02d}" for i in range(64)]
+        for path in self.paths:
+            path.touch()
+        self._hashes: list[np.ndarray] = []
+        self._records: list[np.ndarray] = []
+        self._pending = 0
+
+    def append(self, hashes: np.ndarray, records: np.ndarray) -> None:
+        self._hashes.append(hashes)
+        self._records.append(records)
+        self._pending += len(hashes)
+        if self._pending >= self._FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        hashes, records = np.concatenate(self._hashes), np.concatenate(self._records)
+        self._hashes, self._records, self._pending = [], [], 0
+        part = (hashes.view(np.uint64) >> np.uint64(58)).astype(np.uint8)
+        order = np.argsort(part, kind="stable")  # a radix sort for uint8; file order kept in a partition
+        pairs = np.stack([hashes[order], records[order]], axis=1)
+        bounds = np.searchsorted(part[order], np.arange(65))
+        for i in np.flatnonzero(np.diff(bounds)).tolist():
+            with open(self.paths[i], "ab") as fh:
+                fh.write(pairs[bounds[i] : bounds[i + 1]].tobytes())
+
+    def duplicates(
+        self, same: Callable[[int, int], bool], keep: np.ndarray, shown: int
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """Mark each later copy (a record whose hash matches an earlier kept record's and `same`
+        confirms it) False in `keep`. Returns their count and the `shown` (first, later) pairs with the
+        smallest `later`."""
+        self._flush()
+        count, pairs = 0, []
+        for path in self.paths:
+            data = np.fromfile(path, np.int64).reshape(-1, 2)
+            path.unlink()
+            data = data[keep[data[:, 1]]]
+            records = data[:, 1]
+            found = _later_duplicates(data[:, 0], lambda i, j, r=records: same(int(r[i]), int(r[j])))
+            count += len(found)
+            keep[records[[later for _, later in found]]] = False
+            pairs = heapq.nsmallest(
+                shown, pairs + [(int(records[f]), int(records[g])) for f, g in found[:shown]], key=lambda p: p[1]
+            )
+        return count, pairs
+
+
+def _true_positions(mask: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Positions of the ``ranks[i]``-th true entries of `mask` (what ``np.flatnonzero(mask)[ranks]``
+    gives, chunk by chunk: no array of every position)."""
+    order = np.argsort(ranks)
+    ranked = ranks[order]
+    out = np.empty(len(ranks), np.int64)
+    seen = 0
+    for a in range(0, len(mask), _CHUNK_RECORDS):
+        where = np.flatnonzero(mask[a : a + _CHUNK_RECORDS])
+        lo, hi = np.searchsorted(ranked, [seen, seen + len(where)])
+        out[order[lo:hi]] = where[ranked[lo:hi] - seen] + a
+        seen += len(where)
+    return out
+
+
 def preprocess(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -116,26 +202,13 @@ def preprocess(
     for p in paths:
         if not p.is_file():
             raise ConfigError(f"{p}: no such file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         manifest = _build(paths, tmp, config, progress)
         manifest["complete"] = True
         with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -143,69 +216,63 @@ def _build(
     paths: list[Path], tmp: Path, cfg: PreprocessConfig, progress: Callable[[int], None] | None
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    scratch = StoreWriter(tmp / SEQUENCES)
     work = tmp / "_work"
     work.mkdir()
     ordinals = _Int64Spool(work / "ordinals")  # a record's number among its file's valid records
     files = _Int64Spool(work / "files")
-    id_hash = _Int64Spool(work / "id_hash")
-    seq_hash = _Int64Spool(work / "seq_hash")
+    id_hashes = _HashPartitions(work, "id_hash")
+    seq_hashes = _HashPartitions(work, "seq_hash") if cfg.dedup else None
     max_len = cfg.max_length if cfg.max_length is not None else np.iinfo(np.int64).max
     counts = {"records": 0, "invalid": 0, "too_long": 0, "too_short": 0, "duplicate_ids": 0, "duplicates": 0}
     sources = []
     skipped_messages: list[str] = []
-    for file_index, path in enumerate(paths):
-        digest = hashlib.sha256()
+    stored = 0
+    with StoreWriter(tmp / SEQUENCES) as scratch:
+        for file_index, path in enumerate(paths):
+            digest = hashlib.sha256()
 
-        def on_read(chunk: bytes, digest=digest) -> None:
-            digest.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
+            def on_read(chunk: memoryview, digest=digest) -> None:
+                digest.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
 
-        reader = FastaReader(
-            path, cfg.policy, skip_invalid=cfg.skip_invalid, check_duplicates=False, on_read=on_read,
-            track_lines=False,
-        )  # fmt: skip
-        for block in reader.blocks():
-            n = len(block.sequences)
-            lengths = np.fromiter(map(len, block.sequences), np.int64, n)
-            keep = (lengths >= cfg.min_length) & (lengths <= max_len)
-            counts["too_long"] += int((lengths > max_len).sum())
-            counts["too_short"] += int((lengths < cfg.min_length).sum())
-            number = np.arange(reader.records - n, reader.records)
-            packed = block.packed
-            if keep.all():
-                ids, seqs = block.ids, block.sequences
-            else:
-                packed = None
-                ids = list(compress(block.ids, keep))
-                seqs = list(compress(block.sequences, keep))
-                lengths, number = lengths[keep], number[keep]
-            scratch.add(ids, seqs, lengths, packed)
-            ordinals.append(number)
-            files.append(np.full(len(ids), file_index, np.int64))
-            id_hash.append(np.fromiter(map(hash, ids), np.int64, len(ids)))
-            if cfg.dedup:
-                seq_hash.append(np.fromiter(map(hash, seqs), np.int64, len(seqs)))
-        counts["records"] += reader.records + reader.skipped
-        counts["invalid"] += reader.skipped
-        skipped_messages += reader.skipped_messages[: 100 - len(skipped_messages)]
-        sources.append(
-            {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest(),
-             "records": reader.records + reader.skipped, "invalid": reader.skipped}
-        )  # fmt: skip
-    scratch.close()
+            reader = FastaReader(path, cfg.policy, skip_invalid=cfg.skip_invalid, check_duplicates=False,
+                                 on_read=on_read)  # fmt: skip
+            for block in reader.blocks():
+                n = len(block)
+                lengths = block.lengths
+                keep = (lengths >= cfg.min_length) & (lengths <= max_len)
+                counts["too_long"] += int((lengths > max_len).sum())
+                counts["too_short"] += int((lengths < cfg.min_length).sum())
+                ids = np.fromiter(map(hash, block.ids), np.int64, n)[keep]
+                seqs = np.fromiter(map(hash, block.sequences), np.int64, n)[keep] if seq_hashes else None
+                block = block.select(keep, join=False)
+                scratch.add(block.packed, block.lengths, block.id_packed, block.id_lengths)
+                ordinals.append(np.arange(reader.records - n, reader.records)[keep])
+                files.append(np.full(len(block), file_index, np.int64))
+                numbers = np.arange(stored, stored + len(block))
+                stored += len(block)
+                id_hashes.append(ids, numbers)
+                if seq_hashes is not None:
+                    seq_hashes.append(seqs, numbers)
+            counts["records"] += reader.records + reader.skipped
+            counts["invalid"] += reader.skipped
+            skipped_messages += reader.skipped_messages[: 100 - len(skipped_messages)]
+            sources.append(
+                {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest(),
+                 "records": reader.records + reader.skipped, "invalid": reader.skipped}
+            )  # fmt: skip
+        n_all, _ = scratch.close()
     t_parse = time.perf_counter() - t0
     everything = SequenceStore(tmp / SEQUENCES)
-    n_all = len(everything)
     keep = np.ones(n_all, bool)
     ordinal_of, file_of = ordinals.close(), files.close()
 
     # Duplicate ids are input errors (SPEC.md §8); with skip_invalid the later record is dropped.
     same_id = lambda i, j: everything.id(i) == everything.id(j)  # noqa: E731
-    pairs = _later_duplicates(id_hash.close(), same_id)
-    named = pairs[: 1 if not cfg.skip_invalid else 100]  # messages that name lines (one re-read per file)
-    line = _header_lines(paths, file_of, ordinal_of, {r for pair in named for r in pair}, cfg.policy)
+    found, pairs = id_hashes.duplicates(same_id, keep, 100 if cfg.skip_invalid else 1)
+    named = {r for pair in pairs for r in pair}  # messages name lines (one re-read per file)
+    line = _header_lines(paths, file_of, ordinal_of, named, cfg.policy)
     for first, later in pairs:
         where = [f"{paths[file_of[r]]}" + (f":{line[r]}" if r in line else "") for r in (first, later)]
         msg = f"{where[1]}: record '{everything.id(later)}': duplicate id (first seen at {where[0]})"
@@ -214,22 +281,14 @@ def _build(
         log.warning("skipped invalid record: %s", msg)
         if len(skipped_messages) < 100:
             skipped_messages.append(msg)
-        keep[later] = False
-        counts["duplicate_ids"] += 1
-    if cfg.dedup:
-        digests = seq_hash.close()
-        candidates = np.flatnonzero(keep)
-        pairs = _later_duplicates(
-            digests[candidates], lambda i, j: everything[int(candidates[i])] == everything[int(candidates[j])]
-        )
-        for _, later in pairs:
-            keep[candidates[later]] = False
-        counts["duplicates"] = len(pairs)
-        del digests, candidates
-    else:
-        seq_hash.close()
+    if found > len(pairs):
+        log.warning("skipped %d more records with duplicate ids", found - len(pairs))
+    counts["duplicate_ids"] = found
+    if seq_hashes is not None:
+        same_seq = lambda i, j: everything[i] == everything[j]  # noqa: E731
+        counts["duplicates"], _ = seq_hashes.duplicates(same_seq, keep, 0)
 
-    n_keep = int(keep.sum())
+    n_keep = int(np.count_nonzero(keep))
     n_val = split_size(cfg.val, n_keep, "val")
     n_test = split_size(cfg.test, n_keep, "test")
     if n_val + n_test > n_keep:
@@ -237,15 +296,14 @@ def _build(
             f"--val {cfg.val} and --test {cfg.test} ask for {n_val} + {n_test} sequences but only "
             f"{n_keep} remain after filtering"
         )
-    labels = np.full(n_all, -1, np.int8)
-    kept = np.flatnonzero(keep)
-    labels[kept] = 0
+    labels = keep.view(np.int8) - np.int8(1)  # 0: train, -1: dropped
     chosen = np.random.default_rng(cfg.seed).choice(n_keep, n_val + n_test, replace=False)
-    labels[kept[chosen[:n_val]]] = 1
-    labels[kept[chosen[n_val:]]] = 2
-    del kept, chosen, keep
+    records = _true_positions(keep, chosen)
+    labels[records[:n_val]] = 1
+    labels[records[n_val:]] = 2
+    del keep, chosen, records
 
-    splits = _write_splits(everything.lengths, labels, tmp)
+    splits = _write_splits(tmp / SEQUENCES / "offsets.npy", labels, tmp)
     shutil.rmtree(work)
     elapsed = time.perf_counter() - t0
     settings = asdict(cfg)
@@ -274,41 +332,47 @@ def _header_lines(
         wanted = {int(ordinal_of[r]): r for r in records if file_of[r] == f}
         seen = 0
         for block in FastaReader(paths[f], policy, skip_invalid=True, check_duplicates=False).blocks():
-            for o in [o for o in wanted if seen <= o < seen + len(block.lines)]:
-                out[wanted.pop(o)] = block.lines[o - seen]
-            seen += len(block.lines)
+            for o in [o for o in wanted if seen <= o < seen + len(block)]:
+                out[wanted.pop(o)] = int(block.lines[o - seen])
+            seen += len(block)
             if not wanted:
                 break
     return out
 
 
-def _write_splits(lengths: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, dict[str, Any]]:
-    """Write ``{split}.npy`` (sorted record numbers; label -1 = dropped) and each split's statistics."""
-    result = {}
+def _write_splits(offsets: Path, labels: np.ndarray, out: Path) -> dict[str, dict[str, Any]]:
+    """Write ``{split}.npy`` (sorted record numbers; label -1 = dropped) and each split's statistics,
+    reading the record lengths from `offsets` chunk by chunk."""
     edges = HIST_MAX // HIST_BIN
-    for code, name in enumerate(SPLITS):
-        count = int((labels == code).sum())
-        index = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=np.int64, shape=(count,))
-        hist = np.zeros(edges + 1, np.int64)
-        done = residues = 0
-        low, high = np.iinfo(np.int64).max, 0
-        for a in range(0, len(labels), _CHUNK_RECORDS):
-            rows = np.flatnonzero(labels[a : a + _CHUNK_RECORDS] == code) + a
+    writers = [_NpyWriter(out / f"{name}.npy", int(np.count_nonzero(labels == code))) for code, name in
+               enumerate(SPLITS)]  # fmt: skip
+    hists = [np.zeros(edges + 1, np.int64) for _ in SPLITS]
+    residues, low, high = [0] * len(SPLITS), [np.iinfo(np.int64).max] * len(SPLITS), [0] * len(SPLITS)
+    a, last = 0, None
+    for part in read_npy_chunks(offsets, _CHUNK_RECORDS):
+        if last is not None:
+            part = np.concatenate([[last], part])
+        last = int(part[-1])
+        lengths = np.diff(part) - 1
+        for code in range(len(SPLITS)):
+            rows = np.flatnonzero(labels[a : a + len(lengths)] == code)
             if not len(rows):
                 continue
-            index[done : done + len(rows)] = rows
-            done += len(rows)
+            writers[code].write(rows + a)
             sizes = lengths[rows]
-            residues += int(sizes.sum())
-            low, high = min(low, int(sizes.min())), max(high, int(sizes.max()))
-            hist += np.bincount(np.minimum(sizes // HIST_BIN, edges), minlength=edges + 1)
-        index.flush()
-        del index
+            residues[code] += int(sizes.sum())
+            low[code], high[code] = min(low[code], int(sizes.min())), max(high[code], int(sizes.max()))
+            hists[code] += np.bincount(np.minimum(sizes // HIST_BIN, edges), minlength=edges + 1)
+        a += len(lengths)
+    result = {}
+    for code, name in enumerate(SPLITS):
+        writers[code].close()
+        count = writers[code].count
         result[name] = {
             "sequences": count,
-            "residues": residues,
-            "min_length": low if count else 0,
-            "max_length": high,
-            "length_histogram": {"bin_width": HIST_BIN, "last_bin_from": HIST_MAX, "counts": hist.tolist()},
+            "residues": residues[code],
+            "min_length": low[code] if count else 0,
+            "max_length": high[code],
+            "length_histogram": {"bin_width": HIST_BIN, "last_bin_from": HIST_MAX, "counts": hists[code].tolist()},
         }
     return result

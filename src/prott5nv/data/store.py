@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from ..errors import ProtT5nvError
+from ..errors import StoreError
+
+__all__ = ["SequenceStore", "StoreError", "StoreWriter", "load_manifest"]
 
 MANIFEST = "manifest.json"
 FORMAT = "prott5nv-sequence-store"
@@ -34,10 +38,6 @@ SEQUENCES = "sequences"  # the directory holding every stored record; splits ind
 _BLOCK = 1 << 20  # entries per chunk when converting lengths to offsets
 
 
-class StoreError(ProtT5nvError):
-    """A data directory is missing, incomplete (interrupted preprocess) or inconsistent."""
-
-
 def _memmap(path: Path) -> np.ndarray:
     if path.stat().st_size == 0:  # np.memmap refuses empty files
         return np.empty(0, np.uint8)
@@ -45,7 +45,7 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 class _Int64Spool:
-    """Append int64 values to a raw file in chunks (memory does not grow with the count)."""
+    """Append int64 values to a raw file (memory does not grow with the count); read back in chunks."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -58,28 +58,112 @@ class _Int64Spool:
         self.count += len(values)
 
     def close(self) -> np.ndarray:
-        """Close and return the values as a read-only memory map."""
+        """Close and return the values as a read-only memory map (for random access to a few)."""
         self._fh.close()
         if self.count == 0:
             return np.empty(0, np.int64)
         return np.memmap(self.path, dtype=np.int64, mode="r")
 
+    def chunks(self, size: int = _BLOCK) -> Iterator[np.ndarray]:
+        """The values, `size` at a time, read (not mapped: the resident set stays one chunk)."""
+        self._fh.close()
+        with open(self.path, "rb") as fh:
+            while len(part := np.fromfile(fh, np.int64, size)):
+                yield part
 
-def _write_offsets(lengths: np.ndarray, path: Path) -> None:
-    """``offsets.npy`` from item lengths (each item is followed by one separator byte), chunk by chunk."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(len(lengths) + 1,))
-    out[0] = 0
+
+class _NpyWriter:
+    """Write a 1-D int64 ``.npy`` of known length chunk by chunk through a file, not a memory map, so
+    that the resident set stays one chunk however long the array."""
+
+    def __init__(self, path: Path, count: int):
+        self.path, self.count, self.written = path, count, 0
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False,
+                  "shape": (count,)}  # fmt: skip
+        np.lib.format.write_array_header_1_0(self._fh, header)
+
+    def write(self, values: np.ndarray) -> None:
+        self._fh.write(np.ascontiguousarray(values, dtype=np.int64).tobytes())
+        self.written += len(values)
+
+    def close(self) -> None:
+        if self.written != self.count:
+            raise AssertionError(f"{self.path}: wrote {self.written} of {self.count} values")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+
+def read_npy_chunks(path: Path, size: int = _BLOCK) -> Iterator[np.ndarray]:
+    """The values of a 1-D ``.npy``, `size` at a time, read through a file (bounded memory)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+        left = shape[0]
+        while left:
+            part = np.fromfile(fh, dtype, min(size, left))
+            if not len(part):
+                raise StoreError(f"{path}: shorter than its header says; the store is damaged")
+            left -= len(part)
+            yield part
+
+
+def _write_offsets(lengths: _Int64Spool, path: Path) -> int:
+    """``offsets.npy`` from item lengths (each item is followed by one separator byte), chunk by chunk;
+    returns the total of the lengths."""
+    out = _NpyWriter(path, lengths.count + 1)
+    out.write(np.zeros(1, np.int64))
     total = 0
-    for a in range(0, len(lengths), _BLOCK):
-        part = np.cumsum(np.asarray(lengths[a : a + _BLOCK], dtype=np.int64) + 1) + total
-        out[a + 1 : a + 1 + len(part)] = part
-        total = int(part[-1])
-    out.flush()
-    del out
+    for part in lengths.chunks():
+        offsets = np.cumsum(part + 1) + total
+        out.write(offsets)
+        total = int(offsets[-1])
+    out.close()
+    return total - lengths.count
+
+
+class _BackgroundWriter:
+    """File writes done by a thread (writes release the GIL, so they overlap with parsing). At most a few
+    buffers wait; an error is raised by the next call."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="store-write", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    if isinstance(item[1], list):
+                        item[0].writelines(item[1])
+                    else:
+                        item[0].write(item[1])
+                except BaseException as exc:  # raised in the caller's thread
+                    self._error = exc
+
+    def write(self, fh: IO[bytes], data: bytes | bytearray | list[memoryview]) -> None:
+        self._raise()
+        self._queue.put((fh, data))
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for the queued writes; raises the first error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
 
 
 class StoreWriter:
-    """Write one split directory, sequence by sequence or block by block, in a single streaming pass."""
+    """Write a ``sequences/`` directory block by block in a single streaming pass (a context manager:
+    leaving it by an exception stops the writer thread and closes the files)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
@@ -88,41 +172,48 @@ class StoreWriter:
         self._ids = open(self.dir / "ids.bin", "wb", buffering=1 << 20)  # noqa: SIM115
         self._lengths = _Int64Spool(self.dir / "lengths.tmp")
         self._id_lengths = _Int64Spool(self.dir / "id_lengths.tmp")
+        self._writer = _BackgroundWriter()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is not None:
+            try:
+                self._writer.close()
+            except BaseException:  # noqa: S110 - the error that brought us here is the one to report
+                pass
+            for fh in (self._res, self._ids, self._lengths._fh, self._id_lengths._fh):
+                fh.close()
 
     def add(
         self,
-        ids: Sequence[bytes],
-        sequences: Sequence[bytes],
-        lengths: np.ndarray | None = None,
-        packed: bytes | None = None,
-    ) -> np.ndarray:
-        """Append records (ids and cleaned residue bytes; their lengths and ``b"\\n".join(sequences)``
-        when known, to save work); returns the lengths."""
-        if not sequences:
-            return np.empty(0, np.int64)
-        self._res.write(packed if packed is not None else b"\n".join(sequences))
-        self._res.write(b"\n")
-        self._ids.write(b"\n".join(ids))
-        self._ids.write(b"\n")
-        if lengths is None:
-            lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
+        packed: bytes | bytearray | list[memoryview],
+        lengths: np.ndarray,
+        id_packed: bytes | list[memoryview],
+        id_lengths: np.ndarray,
+    ) -> None:
+        """Append records: their cleaned residues and their ids, each item followed by ``b"\\n"`` (as
+        bytes or as pieces), and the item lengths (what :class:`~prott5nv.fasta.FastaBlock` holds). The
+        buffers are written later by a thread: do not change them."""
+        if not len(lengths):
+            return
+        self._writer.write(self._res, packed)
+        self._writer.write(self._ids, id_packed)
         self._lengths.append(lengths)
-        self._id_lengths.append(np.fromiter(map(len, ids), np.int64, len(ids)))
-        return lengths
+        self._id_lengths.append(id_lengths)
 
     def close(self) -> tuple[int, int]:
         """Finish the files; returns (sequences, residues)."""
+        self._writer.close()
         self._res.close()
         self._ids.close()
-        lengths = self._lengths.close()
-        id_lengths = self._id_lengths.close()
-        _write_offsets(lengths, self.dir / "offsets.npy")
-        _write_offsets(id_lengths, self.dir / "id_offsets.npy")
-        count, residues = len(lengths), int(lengths.sum()) if len(lengths) else 0
-        del lengths, id_lengths
+        count = self._lengths.count
+        residues = _write_offsets(self._lengths, self.dir / "offsets.npy")
+        _write_offsets(self._id_lengths, self.dir / "id_offsets.npy")
         for tmp in ("lengths.tmp", "id_lengths.tmp"):
             (self.dir / tmp).unlink()
-        for name in ("residues.bin", "ids.bin", "offsets.npy", "id_offsets.npy"):
+        for name in ("residues.bin", "ids.bin"):
             with open(self.dir / name, "rb+") as fh:
                 os.fsync(fh.fileno())
         return count, residues
