@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import SWISSPROT
+from conftest import SAMPLE_FASTA, SWISSPROT
 
 import prott5nv
 from prott5nv.client import Client, RemoteEncoder, ServerError
@@ -392,3 +392,42 @@ def test_request_timeout_gets_503_and_frees_its_queue_slot(local, proteins):
             assert r.status_code == 503 and r.headers["Retry-After"] == "1"
             assert r.json() == {"detail": "timed out after 0.3 s"}
         assert http.get("/health").json()["pending"] == 0
+
+
+def _h5_contents(path: Path) -> tuple[dict, dict]:
+    """(file attributes, {dataset name: (attributes, values)}) of an embedding file."""
+    import h5py
+
+    found: dict = {}
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            found[name] = (dict(obj.attrs), obj[()])
+
+    with h5py.File(path) as f:
+        f.visititems(visit)
+        return dict(f.attrs), found
+
+
+def test_embed_cli_with_server_writes_the_local_file(servers, tmp_path):
+    """`prott5nv embed --server URL` sends the batches to the server and writes the same HDF5 as a local
+    run (attributes, names, shapes; values within float32 rounding)."""
+    from prott5nv.cli import main
+
+    server, strict = servers
+    local_out, remote_out, keyed_out = tmp_path / "local.h5", tmp_path / "remote.h5", tmp_path / "keyed.h5"
+    flags = ["--pooling", "mean,max", "--per-residue", "--batch-tokens", "3000"]
+    assert main(["embed", str(SAMPLE_FASTA), "-o", str(local_out), *flags]) == 0
+    assert main(["embed", str(SAMPLE_FASTA), "-o", str(remote_out), *flags, "--server", server.url]) == 0
+    (tmp_path / "key.txt").write_text(KEY + "\n")
+    assert main(["embed", str(SAMPLE_FASTA), "-o", str(keyed_out), "--server", strict.url,
+                 "--api-key-file", str(tmp_path / "key.txt")]) == 0  # fmt: skip
+    local_attrs, local_data = _h5_contents(local_out)
+    remote_attrs, remote_data = _h5_contents(remote_out)
+    assert remote_attrs == local_attrs and sorted(remote_data) == sorted(local_data)
+    assert len(local_data) >= 48
+    for name, (attrs, values) in local_data.items():
+        assert remote_data[name][0] == attrs and remote_data[name][1].shape == values.shape
+        np.testing.assert_allclose(remote_data[name][1], values, atol=1e-5, rtol=1e-4)
+    assert len(_h5_contents(keyed_out)[1]) == len(list(read_fasta(SAMPLE_FASTA)))
+    assert main(["embed", str(SAMPLE_FASTA), "-o", str(tmp_path / "x.h5"), "--server", strict.url]) == 2  # no key

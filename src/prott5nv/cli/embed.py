@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output file or directory (written atomically)")
     add_model_args(p)
     _allow_auto_dtype(p)
+    _add_server_args(p)
     _add_output_args(p)
     _add_batching_args(p)
     _add_long_protein_args(p)
@@ -44,6 +45,27 @@ def _allow_auto_dtype(p: argparse.ArgumentParser) -> None:
         if action.dest == "dtype":
             action.choices = [*DTYPE_NAMES, "auto"]
             action.help += "; auto: bfloat16 where supported (CUDA, CPUs with AVX512-BF16/AMX), else float32"
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote model")
+    g.add_argument(
+        "--server", metavar="URL", default=None,
+        help="send the batches to a `prott5nv serve` at URL instead of loading --model here (the server's "
+        "model, precision and limits apply); the output is the file a local run writes",
+    )  # fmt: skip
+    g.add_argument("--api-key-file", default=None, help="with --server: file holding the API key (its first key)")
+
+
+def encoder(args: argparse.Namespace):  # noqa: ANN201 - ProtT5nv or RemoteEncoder
+    """The model the pipeline calls: loaded here, or a server's (`--server`)."""
+    if not args.server:
+        return load_model(args)
+    from ..client import Client, RemoteEncoder
+    from ..serve.limits import read_api_keys
+
+    key = read_api_keys(args.api_key_file)[0] if args.api_key_file else None
+    return RemoteEncoder(Client(args.server, api_key=key))
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -104,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         threads = max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if threads:
         torch.set_num_threads(threads)
-    model = load_model(args)
+    model = encoder(args)
     options = EmbedOptions(
         per_residue=args.per_residue,
         poolings=tuple(p.strip() for p in args.pooling.split(",") if p.strip()) if args.pooling else None,

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ..errors import ConfigError
-from ..serve.limits import ServeLimits
+from ..serve.limits import ServeLimits, read_api_keys
 from .common import add_model_args, load_model
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         missing = f"serve needs FastAPI and uvicorn ({exc.name} is missing)"
         raise ConfigError(f"{missing}: pip install 'prott5nv[serve]'") from None
-    from ..serve.app import create_app, read_api_keys
+    from ..serve.app import create_app
 
     if args.threads is not None:
         if args.threads < 1:

@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
-import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -44,12 +41,12 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..api import ProtT5nv
-from ..errors import ConfigError, ProtT5nvError
+from ..errors import ProtT5nvError
 from ..inference.score import mask_sequences
 from ..model.generate import parse_masked
 from ..sequence import SequencePolicy, clean_sequence
 from .batcher import DynamicBatcher, QueueFullError
-from .limits import RequestError, ServeLimits, check_sequences
+from .limits import RequestError, ServeLimits, check_sequences, key_matches
 from .wire import encode_array
 
 log = logging.getLogger(__name__)
@@ -107,26 +104,6 @@ class InfillRequest(_SequencesRequest, _DecodingSettings):
 
 
 # ------------------------------------------------------------------------------------ guard
-def read_api_keys(path: str | os.PathLike) -> list[str]:
-    """Keys from a file, one per line (blank lines and '#' comments ignored)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from None
-    keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not keys:
-        raise ConfigError(f"API key file {path} holds no key")
-    return keys
-
-
-def key_matches(given: str, keys: Sequence[str]) -> bool:
-    """Constant-time comparison against every key (no early exit)."""
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given.encode(), key.encode())
-    return matched
-
-
 class _Guard:
     """ASGI middleware run before any body is read: the API key on /v1/*, then the body size (from
     Content-Length, and counted while streaming for chunked bodies)."""

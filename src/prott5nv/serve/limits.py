@@ -1,4 +1,4 @@
-"""Request limits and input checks of the server, independent of the web framework.
+"""Request limits, input checks and API keys of the server, independent of the web framework.
 
 A request that breaks a size limit is refused with 413 (too many sequences, a sequence or the request too
 long, body too large); one whose content is wrong (bad residue, empty list or sequence) with 422. Both
@@ -8,9 +8,12 @@ message of :func:`prott5nv.sequence.clean_sequence`.
 
 from __future__ import annotations
 
+import hmac
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
@@ -97,3 +100,23 @@ def check_sequences(
     if total > limits.max_request_residues:
         raise RequestError(413, f"{total} residues in one request; the limit is {limits.max_request_residues}")
     return out
+
+
+def read_api_keys(path: str | os.PathLike) -> list[str]:
+    """Keys from a file, one per line (blank lines and '#' comments ignored)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from None
+    keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"API key file {path} holds no key")
+    return keys
+
+
+def key_matches(given: str, keys: Sequence[str]) -> bool:
+    """Constant-time comparison against every key (no early exit)."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    return matched
