@@ -40,7 +40,7 @@ from ..fasta import read_fasta
 from ..sequence import DEFAULT_POLICY, SequencePolicy
 from .chunking import check_chunking, chunk_starts, stitch
 from .store import PartialRun
-from .writers import FORMATS, KINDS, POOLINGS, format_from_path, h5_key, open_writer
+from .writers import FORMATS, KINDS, POOLINGS, check_output, format_from_path, h5_key, open_writer
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,7 @@ def embed_fasta(
     _check_options(opt)
     kinds = opt.kinds()
     fmt = opt.format or format_from_path(output_path)
+    check_output(fmt, output_path)
     limit = effective_max_length(model, opt.max_length)
     chunk = None
     if opt.long_policy == "chunk" and limit is not None:

@@ -211,6 +211,17 @@ class ParquetWriter(Writer):
             self._writer.close()
 
 
+def check_output(fmt: str, path: str | os.PathLike) -> None:
+    """Refuse, before any compute, an output that could not be written at the end."""
+    if fmt != "npy" and Path(path).is_dir():
+        raise ProtT5nvError(f"{path}: is a directory, expected an output file name")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("Parquet output needs pyarrow: pip install 'prott5nv[parquet]'") from None
+
+
 WRITERS: dict[str, type[Writer]] = {"h5": H5Writer, "npy": NpyWriter, "parquet": ParquetWriter}
 
 
