@@ -4,11 +4,14 @@ A random-weight HF `T5ForConditionalGeneration` of ProtT5nv's size (d_model 768,
 3072, 12+12 layers, ReLU, vocabulary 128) is saved to a temporary directory and loaded into prott5nv's
 `t5` family with `prott5nv.interop.hf.load_hf` (ProtT5nv's own `megatron` family is a layout
 transformers cannot run). Both decode the same real proteins (Swiss-Prot, tests/data) in one batch,
-greedy and with 4 beams; the greedy token ids must be identical. Decoded tokens = tokens of the returned
-sequences up to and including EOS (the same count for both, as the outputs agree); the time includes the
-encoder pass, which both run once.
+greedy and with 4 beams; in fp32 the greedy token ids must be identical. Decoded tokens = tokens of the
+returned sequences up to and including EOS (the same count for both, as the outputs agree); the time
+includes the encoder pass, which both run once. Runs alternate between the two (this machine is noisy) and
+the fastest of `--repeats` counts. `--dtype bf16` casts both models' weights to bf16 (equal precision on
+both sides; outputs may then differ by near-ties). `--threads 1 2` measures each thread count in turn.
 
-    python benchmarks/generate_throughput.py [--prompts 8] [--new-tokens 64] [--threads 2] [--repeats 2]
+    python benchmarks/generate_throughput.py [--prompts 8] [--new-tokens 64] [--threads 1 2] [--repeats 2]
+        [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ SWISSPROT = Path(__file__).resolve().parents[1] / "tests" / "data" / "swissprot_
 def build_hf(path: Path):
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     cfg = transformers.T5Config(
         vocab_size=128, d_model=768, d_kv=64, num_heads=12, d_ff=3072, num_layers=12, num_decoder_layers=12,
@@ -41,13 +45,15 @@ def build_hf(path: Path):
     return hf
 
 
-def best_time(fn, repeats: int):
-    out, best = None, float("inf")
+def best_times(fns, repeats: int):
+    """Outputs of each function and its fastest time over `repeats` alternating runs."""
+    outs, best = [None] * len(fns), [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return out, best
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return outs, best
 
 
 def main() -> None:
@@ -56,22 +62,32 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--min-length", type=int, default=50)
     ap.add_argument("--max-length", type=int, default=150)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest counts")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
     records = (r for r in read_fasta(SWISSPROT) if args.min_length <= len(r.sequence) <= args.max_length)
     seqs = [next(records).sequence for _ in range(args.prompts)]
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_hf(Path(tmp))
         model, tokenizer = load_hf(tmp)
+    if args.dtype == "bf16":
+        hf.to(torch.bfloat16), model.to(torch.bfloat16)
     ours = ProtT5nv(model, tokenizer)
     input_ids, mask = ours.collate(ours.encode(seqs))
-    print(f"{len(seqs)} proteins of {min(map(len, seqs))}-{max(map(len, seqs))} residues, "
-          f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"{len(seqs)} proteins of {min(map(len, seqs))}-{max(map(len, seqs))} residues, "
+              f"{args.new_tokens} new tokens, {args.dtype}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}")  # fmt: skip
+        measure(ours, hf, input_ids, mask, args)
 
+
+def measure(ours: ProtT5nv, hf, input_ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace) -> None:
+    tokenizer = ours.tokenizer
     for beams in (1, 4):
+
         def run_ours(beams=beams):
             cfg = GenerationConfig(max_new_tokens=args.new_tokens, num_beams=beams)
             with torch.inference_mode():
@@ -84,16 +100,18 @@ def main() -> None:
                                    max_new_tokens=args.new_tokens)  # fmt: skip
 
         run_ours(), run_hf()  # warm-up
-        out, t_ours = best_time(run_ours, args.repeats)
-        ref, t_hf = best_time(run_hf, args.repeats)
+        (out, ref), (t_ours, t_hf) = best_times([run_ours, run_hf], args.repeats)
         ref_ids = ref[:, 1:].clone()
+        is_eos = ref_ids == tokenizer.eos_id
+        hf_lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, ref_ids.shape[1])
         ref_ids[torch.arange(ref_ids.shape[1])[None] >= out.lengths[:, None]] = tokenizer.pad_id
         same = torch.equal(ref_ids, out.sequences)
-        tokens = int(out.lengths.sum())
+        tokens, hf_tokens = int(out.lengths.sum()), int(hf_lengths.sum())
+        rate, hf_rate = tokens / t_ours, hf_tokens / t_hf
         name = "greedy" if beams == 1 else f"beam {beams}"
-        print(f"{name:>7}: prott5nv {tokens / t_ours:7.1f} tok/s ({t_ours:.2f} s) | transformers "
-              f"{tokens / t_hf:7.1f} tok/s ({t_hf:.2f} s) | ratio {t_hf / t_ours:.2f}x | "
-              f"{tokens} tokens, identical outputs: {same}")  # fmt: skip
+        print(f"{name:>7}: prott5nv {rate:7.1f} tok/s ({t_ours:.2f} s) | transformers {hf_rate:7.1f} tok/s "
+              f"({t_hf:.2f} s) | ratio {rate / hf_rate:.2f}x | {tokens} tokens (transformers {hf_tokens}), "
+              f"identical outputs: {same}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -143,3 +143,78 @@ def test_relative_position_buckets_match_transformers(bidirectional):
     ours = relative_position_bucket(rel, bidirectional, 32, 128)
     theirs = T5Attention._relative_position_bucket(rel, bidirectional, 32, 128)
     assert torch.equal(ours, theirs)
+
+
+# ---- speed paths (issues 4 and 7): each must compute what the plain path computes ----
+def test_dropout_mask_rate_scale_and_seed():
+    from prott5nv.model.t5 import dropout
+
+    x = torch.ones(1_000_000, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.1)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.002  # 1e6 Bernoulli(0.1) draws: sd 3e-4
+    assert torch.unique(y.detach()).tolist() == [0.0, pytest.approx(1 / 0.9)]
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * keep / 0.9)/dx = keep / 0.9
+    torch.manual_seed(5)
+    assert torch.equal(dropout(torch.ones(1_000_000), 0.1), y.detach())  # the default generator decides
+    assert dropout(x, 0.0) is x
+
+
+def test_attention_dropout_path_matches_sdpa_without_dropout(real_proteins):
+    """The CPU attention-dropout path (matmul, softmax, matmul) is SDPA's attention when nothing is dropped."""
+    from prott5nv.model.t5 import attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 30, 16) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+    mask[1, ..., 20:] = False
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(attend(q, k, v, mask, 0.25, few=True), ref, atol=1e-5, rtol=1e-5)
+    bias = torch.randn(1, 4, 30, 30)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    torch.testing.assert_close(attend(q, k, v, bias, 1.0, few=True), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["megatron", "t5"])
+def test_cache_reorder_and_shared_encoder_rows(family, real_proteins):
+    """Beam-search machinery of the cache: reordering rows mid-way and decoding 2 rows per encoder input
+    (grouped cross-attention, capacity smaller than the steps so the buffers grow) equal plain decoding."""
+    cfg = preset("tiny") if family == "megatron" else preset("tiny").replace(family="t5", activation="relu")
+    torch.manual_seed(0)
+    model = T5Model(cfg).eval()
+    from prott5nv.tokenizer import ProteinTokenizer
+
+    tok = ProteinTokenizer()
+    enc_ids = torch.from_numpy(tok.encode(real_proteins[0][1][:40]))[None]
+    dec = torch.stack([torch.from_numpy(tok.encode(real_proteins[i][1][:12])) for i in (1, 2)])  # [2, 12]
+    with torch.no_grad():
+        hidden = model.encode(enc_ids)  # one encoder row for both decoder rows
+        full = model(enc_ids.expand(2, -1), None, dec)
+        cache = model.new_cache(capacity=3)
+        steps = [model.lm_logits(model.decode(dec[:, t : t + 1], hidden, cache=cache)) for t in range(6)]
+        cache.reorder(torch.tensor([1, 0]))  # swap the rows: continue with the other row's history
+        swapped = dec[[1, 0]]
+        steps += [model.lm_logits(model.decode(swapped[:, t : t + 1], hidden, cache=cache)) for t in range(6, 12)]
+    torch.testing.assert_close(torch.cat(steps[:6], 1), full[:, :6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps[6:], 1), full[[1, 0], 6:], atol=1e-5, rtol=1e-5)
+    assert cache.length == 12 and cache[0].k.shape[2] >= 12
+
+
+def test_optimize_for_decoding_keeps_values_and_outputs(tiny_model, real_proteins):
+    torch.manual_seed(0)
+    model = T5Model(preset("tiny")).eval()
+    ids = torch.from_numpy(tiny_model.tokenizer.encode(real_proteins[3][1][:50]))[None]
+    dec = ids[:, :10]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(ids, None, dec)
+        model.optimize_for_decoding()
+        model.optimize_for_decoding()  # idempotent
+        out = model(ids, None, dec)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.decoder.blocks[0].mlp.wi.weight.stride() == (1, preset("tiny").d_ff)  # column-major
+    assert model.encoder.blocks[0].mlp.wi.weight.is_contiguous()  # the encoder keeps its layout
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

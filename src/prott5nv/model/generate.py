@@ -20,10 +20,13 @@ single residues, ``max_ngram_size`` 1), and ``<mask:K>`` for one span of K resid
 sentinel (T5 span corruption; an extrapolation for ProtT5nv, which never saw multi-residue spans).
 
 Speed: the encoder runs once; the decoder is incremental with a key/value cache (self-attention keys and
-values grow by one token per step, cross-attention keys/values are computed once from the encoder). Beam
-search reorders the self-attention cache along the beam dimension; cross-attention entries are identical
-for all beams of one input and never move. ``use_cache=False`` recomputes the whole prefix at every step
-(the reference used by the tests).
+values are written in place into preallocated buffers, one token per step; cross-attention keys/values are
+computed once from the encoder). The beams (or samples) of one input share one copy of its encoder states
+and cross-attention keys/values -- they attend as extra queries of that input -- so beam search reads
+them once per step, not once per beam, and reorders only the self-attention cache. Single-query steps use
+plain matmul attention, and the decoder's fp32 weights are stored column-major
+(:meth:`~prott5nv.model.t5.T5Model.optimize_for_decoding`). ``use_cache=False`` recomputes the whole
+prefix at every step (the reference used by the tests).
 """
 
 from __future__ import annotations
@@ -112,9 +115,9 @@ class GenerationOutput:
 class _Decoder:
     """One decoder step at a time, with or without the key/value cache."""
 
-    def __init__(self, model: T5Model, memory: Tensor, memory_mask: Tensor | None, use_cache: bool) -> None:
+    def __init__(self, model: T5Model, memory: Tensor, memory_mask: Tensor | None, use_cache: bool, steps: int) -> None:
         self.model, self.memory, self.memory_mask = model, memory, memory_mask
-        self.cache: DecoderCache | None = model.new_cache() if use_cache else None
+        self.cache: DecoderCache | None = model.new_cache(capacity=steps) if use_cache else None
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Next-token logits (fp32) ``[N, V]`` given all decoder tokens so far ``[N, t]``."""
@@ -123,13 +126,9 @@ class _Decoder:
         return self.model.lm_logits(hidden[:, -1]).float()
 
     def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` (beam search). Cross-attention entries ("ck", "cv") are the same for all beams
-        of an input and beams never move between inputs, so only self-attention keys/values move."""
-        if self.cache is None:
-            return
-        for layer in self.cache:
-            layer["k"] = layer["k"].index_select(0, index)
-            layer["v"] = layer["v"].index_select(0, index)
+        """Keep rows `index` (beam search; see :meth:`DecoderCache.reorder`)."""
+        if self.cache is not None:
+            self.cache.reorder(index)
 
 
 def _warp(logits: Tensor, cfg: GenerationConfig) -> Tensor:
@@ -177,14 +176,15 @@ def generate(
         if input_ids is None:
             raise ConfigError("generate needs input_ids or encoder_hidden")
         encoder_hidden = model.encode(input_ids, attention_mask)
+    if cfg.use_cache:
+        model.optimize_for_decoding()
+    # the decoder's rows are `expand` consecutive beams/samples per input; they share the encoder states
     expand = cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
-    memory = encoder_hidden.repeat_interleave(expand, dim=0)
-    memory_mask = attention_mask.repeat_interleave(expand, dim=0) if attention_mask is not None else None
-    decoder = _Decoder(model, memory, memory_mask, cfg.use_cache)
+    decoder = _Decoder(model, encoder_hidden, attention_mask, cfg.use_cache, cfg.max_new_tokens)
     if cfg.num_beams > 1:
         return _beam_search(decoder, encoder_hidden.shape[0], cfg, decoder_start_id, eos_id, pad_id, logits_processor)
-    return _greedy_or_sample(decoder, memory.shape[0], cfg, decoder_start_id, eos_id, pad_id, generator,
-                             logits_processor)  # fmt: skip
+    return _greedy_or_sample(decoder, encoder_hidden.shape[0] * expand, cfg, decoder_start_id, eos_id, pad_id,
+                             generator, logits_processor)  # fmt: skip
 
 
 def _greedy_or_sample(

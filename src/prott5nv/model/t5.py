@@ -1,9 +1,10 @@
 """The T5 encoder-decoder, both families (see model/config.py), in one readable module.
 
 Data flow: ids -> Embeddings -> Stack(encoder) -> hidden states; decoder ids -> Embeddings ->
-Stack(decoder, cross-attending to the encoder) -> lm_logits. All attention goes through
-``torch.nn.functional.scaled_dot_product_attention``; the masks it receives are built in one place,
-:func:`attention_mask`.
+Stack(decoder, cross-attending to the encoder) -> lm_logits. Attention goes through :func:`attend`
+(``torch.nn.functional.scaled_dot_product_attention``, or plain matmuls where that is faster: incremental
+decoding steps, attention dropout on CPU); the masks it receives are built in one place,
+:func:`attention_mask`. Dropout draws its masks with :func:`dropout` (cheap on CPU).
 """
 
 from __future__ import annotations
@@ -17,9 +18,83 @@ from torch import Tensor, nn
 
 from .config import T5Config
 
-# A decoder cache: one dict per decoder layer holding self-attention keys/values ("k", "v") that grow
-# with every decoded token, and cross-attention keys/values ("ck", "cv") computed once from the encoder.
-DecoderCache = list[dict[str, Tensor]]
+
+# ----------------------------------------------------------------------------------------------- cache
+class LayerCache:
+    """Keys/values of one decoder layer during incremental decoding.
+
+    Self-attention keys/values live in preallocated buffers ``[N, H, capacity, d_kv]`` filled up to
+    `length` and written in place (no per-step ``torch.cat`` of the whole history); a full buffer doubles.
+    Cross-attention keys/values (`cross`) are computed once from the encoder states; their keys are stored
+    transposed in memory, the layout in which the BLAS multiplies by them fastest.
+    """
+
+    __slots__ = ("k", "v", "length", "capacity", "cross")
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.length = 0
+        self.capacity = capacity
+        self.cross: tuple[Tensor, Tensor] | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values ``[N, H, n, d_kv]``; return ``[N, H, length, d_kv]`` views of all."""
+        start, end = self.length, self.length + k.shape[2]
+        if self.k is None or self.v is None or end > self.k.shape[2]:
+            self._grow(k, end)
+        kbuf, vbuf = self.k, self.v
+        assert kbuf is not None and vbuf is not None
+        kbuf[:, :, start:end] = k
+        vbuf[:, :, start:end] = v
+        self.length = end
+        return kbuf[:, :, :end], vbuf[:, :, :end]
+
+    def _grow(self, like: Tensor, needed: int) -> None:
+        old = 0 if self.k is None else self.k.shape[2]
+        size = max(needed, self.capacity or 0, 2 * old)
+        n, h, _, d = like.shape
+        k, v = like.new_empty(n, h, size, d), like.new_empty(n, h, size, d)
+        if self.k is not None and self.v is not None and self.length:
+            k[:, :, : self.length] = self.k[:, :, : self.length]
+            v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+    def set_cross(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep the cross-attention keys/values (computed once); return them as stored."""
+        self.cross = (k.transpose(-1, -2).contiguous().transpose(-1, -2), v.contiguous())
+        return self.cross
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` of the self-attention keys/values (beam search)."""
+        if self.k is not None and self.v is not None and self.length:
+            n = self.length
+            self.k[:, :, :n] = self.k[:, :, :n].index_select(0, index)
+            self.v[:, :, :n] = self.v[:, :, :n].index_select(0, index)
+
+
+class DecoderCache:
+    """One :class:`LayerCache` per decoder layer (from :meth:`T5Model.new_cache`); `length` = decoder
+    tokens seen so far. `capacity` presizes the buffers (e.g. to the number of tokens to generate)."""
+
+    def __init__(self, num_layers: int, capacity: int | None = None) -> None:
+        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` in every layer (beam search). Cross-attention entries are identical for the
+        beams of one input and beams never move between inputs, so they stay."""
+        for layer in self.layers:
+            layer.reorder(index)
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -40,7 +115,7 @@ def attention_mask(
     mask = None
     if key_mask is not None:
         mask = key_mask.bool()[:, None, None, :]
-    if causal:
+    if causal and past_len < key_len - 1:  # else every query sees every key (e.g. one decoding step)
         q = torch.arange(past_len, past_len + query_len, device=device)[:, None]
         k = torch.arange(key_len, device=device)[None, :]
         tri = (k <= q)[None, None]
@@ -148,6 +223,61 @@ class Embeddings(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- attention
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """Dropout keep mask of `like`'s dtype and device: 1 with probability ``1 - p`` (to within 3e-5), else 0;
+    drawn from the default generator.
+
+    Several times cheaper than ``bernoulli_`` on CPU: one 31-bit random integer per two elements, shifted
+    left by one so that each 16-bit half carries at least 15 random bits, one comparison, and a cast
+    (CPU kernels mixing a boolean mask with floats are slow; same-dtype ones are fast)."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=like.device).random_()
+    bits.bitwise_left_shift_(1)
+    keep = bits.view(torch.int16)[:n] >= -32768 + round(p * 65536)
+    return keep.view(torch.uint8).to(like.dtype).view(shape)
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Inverted dropout (training): zero elements with probability `p`, scale the rest by 1/(1-p). On CPU
+    with :func:`keep_mask`; elsewhere ``F.dropout`` (fused kernels)."""
+    if p <= 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    if p >= 1.0:
+        return x * 0.0
+    return (x * keep_mask(x.shape, p, x)).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` (same `p`, same switch by train/eval) drawing its mask with :func:`dropout`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p) if self.training else x
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0, *, few: bool = False
+) -> Tensor:
+    """softmax(q kᵀ · scale + mask) v for ``[B, H, S, d_kv]`` tensors; `mask` boolean (True = attend) or
+    additive. SDPA, except for two cases computed as matmul, fp32 softmax, matmul: `few` (incremental
+    decoding: a handful of new queries, where SDPA's flash kernel costs more to set up than the arithmetic)
+    and attention dropout on CPU (SDPA then materialises the scores anyway, and draws its mask with the far
+    slower ``bernoulli_``)."""
+    if not few and (dropout_p == 0.0 or q.device.type != "cpu"):
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)  # an additive float bias must match the query dtype (autocast)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    scores = torch.matmul(q * scale if scale != 1.0 else q, k.transpose(-1, -2))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(dropout(probs, dropout_p), v)
+
+
 class Attention(nn.Module):
     """Multi-head attention. Self-attention uses one fused projection `qkv` whose rows are
     ``[q; k; v]`` (each ``[heads, d_kv]``); cross-attention has `q` and a fused `kv`."""
@@ -177,30 +307,38 @@ class Attention(nn.Module):
         x: Tensor,
         mask: Tensor | None,
         memory: Tensor | None = None,
-        cache: dict[str, Tensor] | None = None,
+        cache: LayerCache | None = None,
     ) -> Tensor:
         if self.cross:
             (q,) = self._heads(self.q(x), 1)
-            if cache is not None and "ck" in cache:
-                k, v = cache["ck"], cache["cv"]
+            if cache is not None and cache.cross is not None:
+                k, v = cache.cross
             else:
                 k, v = self._heads(self.kv(memory), 2)
                 if cache is not None:
-                    cache["ck"], cache["cv"] = k, v
+                    k, v = cache.set_cross(k, v)
+            if q.shape[0] != k.shape[0]:  # consecutive query rows (beams, samples) share one encoder input
+                out = self._grouped(q, k, v, mask, cache is not None)
+                return self.o(out.transpose(1, 2).flatten(2))
         else:
             q, k, v = self._heads(self.qkv(x), 3)
             if cache is not None:
-                if "k" in cache:
-                    k = torch.cat([cache["k"], k], dim=2)
-                    v = torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)  # an additive float bias must match the query dtype (autocast)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.scale
-        )
-        b, _, s, _ = out.shape
-        return self.o(out.transpose(1, 2).reshape(b, s, self.num_heads * self.d_kv))
+                k, v = cache.append(k, v)
+        out = attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0, few=cache is not None)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+    def _grouped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, few: bool) -> Tensor:
+        """Cross-attention of ``[B*g, H, S, D]`` queries to ``[B, H, S_enc, D]`` keys/values: each input's
+        g rows become extra queries of that input, so its keys/values are read once, not g times (beam
+        search would otherwise copy and re-read the encoder states per beam)."""
+        n, h, s, d = q.shape
+        b = k.shape[0]
+        if n % b:
+            raise ValueError(f"{n} decoder rows cannot share {b} encoder rows (need a multiple of {b})")
+        group = n // b
+        q = q.view(b, group, h, s, d).transpose(1, 2).reshape(b, h, group * s, d)
+        out = attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0, few=few)
+        return out.view(b, h, group, s, d).transpose(1, 2).reshape(n, h, s, d)
 
 
 class MLP(nn.Module):
@@ -222,7 +360,7 @@ class MLP(nn.Module):
             "gelu": nn.GELU(),
             "gelu_tanh": nn.GELU(approximate="tanh"),
         }[act if act != "gelu" or not self.gated else "gelu_tanh"]  # HF gated-gelu is the tanh form
-        self.dropout = nn.Dropout(cfg.dropout_rate) if cfg.family == "t5" else nn.Identity()
+        self.dropout = Dropout(cfg.dropout_rate) if cfg.family == "t5" else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
@@ -244,7 +382,7 @@ class Block(nn.Module):
             self.cross_attention = Attention(cfg, cross=True)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(
         self,
@@ -252,7 +390,7 @@ class Block(nn.Module):
         mask: Tensor | None,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
-        cache: dict[str, Tensor] | None = None,
+        cache: LayerCache | None = None,
     ) -> Tensor:
         x = x + self.dropout(self.self_attention(self.self_attn_norm(x), mask, cache=cache))
         if memory is not None:
@@ -273,7 +411,7 @@ class Stack(nn.Module):
         )
         self.blocks = nn.ModuleList(Block(cfg, is_decoder) for _ in range(num_layers))
         self.final_layer_norm = make_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(
         self,
@@ -303,7 +441,7 @@ class T5Model(nn.Module):
     """Encoder-decoder with a language-model head.
 
     * :meth:`encode` -- the encoder's final hidden states (what embeddings are made of).
-    * :meth:`decode` -- decoder hidden states, optionally incremental with a :data:`DecoderCache`.
+    * :meth:`decode` -- decoder hidden states, optionally incremental with a :class:`DecoderCache`.
     * :meth:`lm_logits` -- vocabulary logits from decoder hidden states.
     * :meth:`forward` -- teacher-forced logits for training.
     """
@@ -359,15 +497,32 @@ class T5Model(nn.Module):
         cache: DecoderCache | None = None,
     ) -> Tensor:
         """Decoder hidden states for `decoder_input_ids`. With `cache` (from :meth:`new_cache`), only the
-        new tokens are passed in and earlier keys/values are reused."""
+        new tokens are passed in and earlier keys/values are reused. `encoder_hidden` (and `encoder_mask`)
+        may have B rows for ``B * g`` decoder rows: g consecutive rows (beams, samples) per encoder input."""
         if self.decoder is None:
             raise RuntimeError("this model has no decoder (encoder-only checkpoint)")
-        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        past = cache.length if cache is not None else 0
         x = self.embeddings(decoder_input_ids, past_len=past)
         return self.decoder(x, decoder_mask, encoder_hidden, encoder_mask, cache=cache, past_len=past)
 
-    def new_cache(self) -> DecoderCache:
-        return [{} for _ in range(self.config.num_decoder_layers)]
+    def new_cache(self, capacity: int | None = None) -> DecoderCache:
+        """An empty :class:`DecoderCache`; `capacity` presizes it to that many decoder tokens."""
+        return DecoderCache(self.config.num_decoder_layers, capacity)
+
+    @torch.no_grad()
+    def optimize_for_decoding(self) -> None:
+        """Store the decoder's fp32 CPU linear weights column-major: same values, shapes and state-dict
+        keys, other strides. Incremental decoding multiplies a few rows by every weight, and MKL does that
+        about 1.5-2x faster with a column-major weight than with the row-major one `nn.Linear` keeps
+        (bf16 weights are faster row-major and stay). Idempotent; skipped in training mode so that
+        training keeps the usual layout. :func:`~prott5nv.model.generate.generate` calls it."""
+        if self.decoder is None or self.training:
+            return
+        for module in self.decoder.modules():
+            if isinstance(module, nn.Linear):
+                w = module.weight
+                if w.device.type == "cpu" and w.dtype == torch.float32 and w.stride(0) != 1:
+                    w.data = w.data.t().contiguous().t()
 
     def lm_logits(self, decoder_hidden: Tensor) -> Tensor:
         cfg = self.config
