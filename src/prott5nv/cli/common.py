@@ -23,8 +23,9 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "prott5nv
     )  # fmt: skip
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument(
-        "--dtype", default="float32", choices=list(DTYPE_NAMES),
-        help="compute precision (bfloat16 is the CPU half precision; float16 needs CUDA)",
+        "--dtype", default="float32", choices=[*DTYPE_NAMES, "auto"],
+        help="compute precision (bfloat16 is the CPU half precision; float16 needs CUDA; auto: bfloat16 "
+        "where supported -- CUDA, CPUs with AVX512-BF16/AMX -- else float32)",
     )  # fmt: skip
 
 

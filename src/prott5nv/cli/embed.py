@@ -13,7 +13,7 @@ import os
 from tqdm import tqdm
 
 from ..inference.writers import FORMATS, POOLINGS
-from .common import DTYPE_NAMES, add_model_args, add_sequence_policy_args, load_model, sequence_policy
+from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,21 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="FASTA file (plain or .gz)")
     p.add_argument("-o", "--output", required=True, help="output file or directory (written atomically)")
     add_model_args(p)
-    _allow_auto_dtype(p)
     _add_server_args(p)
     _add_output_args(p)
     _add_batching_args(p)
     _add_long_protein_args(p)
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
-
-
-def _allow_auto_dtype(p: argparse.ArgumentParser) -> None:
-    """`--dtype auto`: bfloat16 where the CPU/GPU supports it, else float32 (embed only)."""
-    for action in p._actions:
-        if action.dest == "dtype":
-            action.choices = [*DTYPE_NAMES, "auto"]
-            action.help += "; auto: bfloat16 where supported (CUDA, CPUs with AVX512-BF16/AMX), else float32"
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
