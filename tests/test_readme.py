@@ -43,6 +43,7 @@ def test_readme_has_the_two_setup_commands():
 @pytest.mark.parametrize("commands", readme_blocks(), ids=lambda cmds: cmds[0][:40])
 def test_readme_commands_run(commands, tmp_path):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
+    shutil.copytree(REPO / "tests" / "data", tmp_path / "tests" / "data")
     for command in commands:
         argv = [sys.executable, "-m", "prott5nv", *shlex.split(command)[1:]]
         res = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
