@@ -22,6 +22,14 @@ FAMILIES = ("megatron", "t5")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "gated-gelu", "gated-relu")
 
 
+def dataclass_from_dict(cls: type[Any], d: dict[str, Any], what: str) -> Any:
+    """`cls(**d)`, refusing unknown keys with a ConfigError that lists them ("unknown {what}: ...")."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {what}: {', '.join(unknown)}")
+    return cls(**d)
+
+
 @dataclass
 class T5Config:
     family: str = "megatron"
@@ -88,11 +96,7 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> T5Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model config keys")
 
     def replace(self, **changes: Any) -> T5Config:
         return dataclasses.replace(self, **changes)

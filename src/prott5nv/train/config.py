@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..model.config import dataclass_from_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -90,11 +91,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "training settings")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> dict[str, Any]:
