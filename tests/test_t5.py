@@ -96,7 +96,7 @@ def test_decoder_is_causal():
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_autocast_half_precision_close_to_fp32(dtype, real_proteins, tiny_model):
     ids = torch.from_numpy(tiny_model.tokenizer.encode(real_proteins[2][1]))[None]
     model = tiny_model.model
