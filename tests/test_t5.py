@@ -218,3 +218,17 @@ def test_optimize_for_decoding_keeps_values_and_outputs(tiny_model, real_protein
     assert model.decoder.blocks[0].mlp.wi.weight.stride() == (1, preset("tiny").d_ff)  # column-major
     assert model.encoder.blocks[0].mlp.wi.weight.is_contiguous()  # the encoder keeps its layout
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_inference_relu_by_sign_bit_equals_relu():
+    """The inference-only bf16 ReLU (int16 view clamped at 0) gives exactly torch.relu's result, and
+    a relative-position bias arrives contiguous (attention kernels would copy it in every layer)."""
+    torch.manual_seed(0)
+    model = T5Model(preset("tiny").replace(family="t5", activation="relu")).eval()
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    mlp = model.encoder.blocks[0].mlp.to(torch.bfloat16)
+    with torch.no_grad():
+        fast = mlp(x)
+    expected = mlp.wo(torch.relu(mlp.wi(x)))  # grad enabled: the ordinary path
+    assert torch.equal(fast, expected.detach())
+    assert model.encoder.relative_bias(5, 9).is_contiguous()

@@ -194,7 +194,8 @@ class RelativePositionBias(nn.Module):
         q = torch.arange(past_len, past_len + query_len, device=device)[:, None]
         k = torch.arange(key_len, device=device)[None, :]
         buckets = relative_position_bucket(k - q, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # [1, H, Q, K]
+        # [1, H, Q, K], contiguous: attention kernels would otherwise copy this bias in every layer
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).contiguous()[None]
 
 
 class Embeddings(nn.Module):
@@ -362,11 +363,19 @@ class MLP(nn.Module):
         }[act if act != "gelu" or not self.gated else "gelu_tanh"]  # HF gated-gelu is the tanh form
         self.dropout = Dropout(cfg.dropout_rate) if cfg.family == "t5" else nn.Identity()
 
+    def _activate(self, h: Tensor) -> Tensor:
+        if isinstance(self.act, nn.ReLU) and h.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            # ReLU of bf16 by its sign bit: clamping the int16 view at 0 zeroes exactly the negative
+            # values, in place and vectorized (PyTorch's bf16 relu kernel is ~6x slower on CPU).
+            h.view(torch.int16).clamp_min_(0)
+            return h
+        return self.act(h)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            h = self.act(self.wi_0(x)) * self.wi_1(x)
+            h = self._activate(self.wi_0(x)) * self.wi_1(x)
         else:
-            h = self.act(self.wi(x))
+            h = self._activate(self.wi(x))
         return self.wo(self.dropout(h))
 
 
