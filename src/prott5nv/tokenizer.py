@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, InvalidSequenceError
-from .sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
+from .sequence import DEFAULT_POLICY, RESIDUES, SequencePolicy, clean_sequence
 
 PROTT5NV_PIECES = (
     "<unk>", "<s>", "</s>", "<pad>", "<mask>",
@@ -91,7 +91,7 @@ class ProteinTokenizer:
         self._ids = {t: i for i, t in enumerate(tokens) if not t.startswith("<unused_")}
         self._rare_table = str.maketrans({c: "X" for c in self.rare_to_x})
         lut = np.full(256, -1, dtype=np.int64)
-        for ch in "ACDEFGHIKLMNPQRSTVWYXBZUO":
+        for ch in RESIDUES:
             lut[ord(ch)] = self._ids[ch.translate(self._rare_table)]
         self._lut = lut
         self.residue_ids = sorted({int(v) for v in lut if v >= 0})

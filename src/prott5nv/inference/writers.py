@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigError, ProtT5nvError
+from ..fsutil import replace_path
 
 POOLINGS = ("mean", "max", "first")
 KINDS = (*POOLINGS, "per_residue")
@@ -71,14 +71,7 @@ class Writer:
             raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
         if self.path.exists() and self.path.is_dir() != self.tmp_path.is_dir():
             self._remove(self.path)
-        if self.tmp_path.is_dir() and self.path.exists():  # directories cannot be replaced in one rename
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
-            old.rmdir()
-            self.path.rename(old)
-            self.tmp_path.rename(self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp_path, self.path)
+        replace_path(self.tmp_path, self.path)
 
     def abort(self) -> None:
         try:

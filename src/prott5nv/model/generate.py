@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, InvalidSequenceError
-from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
+from ..sequence import DEFAULT_POLICY, STANDARD_RESIDUES, SequencePolicy, clean_sequence
 from ..tokenizer import ProteinTokenizer
 from .t5 import DecoderCache, T5Model
 
@@ -49,7 +49,6 @@ from .t5 import DecoderCache, T5Model
 #: every step before anything else (constraints: set forbidden ids to -inf).
 LogitsProcessor = Callable[[int, Tensor, Tensor], Tensor]
 
-STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 _NEG = -1.0e9  # "impossible" score, as a finite number so that sums stay ordered
 
 
