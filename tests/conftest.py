@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ TEST_DATA = REPO / "tests" / "data"  # real subsets shipped with the repo (see t
 SWISSPROT = TEST_DATA / "swissprot_3k.fasta.gz"  # first 3,000 records of swissprot_dev_100k
 PROTEOME = TEST_DATA / "proteome_HG003687.faa"  # 2,100 Prodigal proteins with '*' stops
 SAMPLE_FASTA = REPO / "examples" / "sample.fasta"
+DEMO_DIR = REPO / "src" / "prott5nv" / "pretrained" / "prott5nv-demo"
+DEMO_DIM = json.loads((DEMO_DIR / "config.json").read_text())["model"]["d_model"]  # the bundled model's width
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +41,15 @@ def tiny_model() -> ProtT5nv:
     """A `tiny` megatron-family model with fixed random weights (seed 1234), eval mode, fp32."""
     torch.manual_seed(1234)
     return ProtT5nv(T5Model(preset("tiny")).eval(), ProteinTokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_model` saved as a native checkpoint directory: a fast `--model` for CLI tests whose subject is
+    not the bundled model (streaming, memory, limits)."""
+    from prott5nv.checkpoint import save_pretrained
+
+    return save_pretrained(tiny_model.model, tiny_model.tokenizer, tmp_path_factory.mktemp("tiny") / "tiny")
 
 
 # ---- data pipeline (issue 3) ----

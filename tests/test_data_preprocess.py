@@ -276,11 +276,13 @@ def test_true_positions_match_flatnonzero(monkeypatch) -> None:
 
 
 def test_preprocess_imports_no_torch() -> None:
-    """`prott5nv preprocess` starts without the model stack (fast start, small memory)."""
+    """`prott5nv preprocess` starts without the model stack (fast start, small memory): neither the
+    command's modules nor the whole `prott5nv` parser (every sub-command registered) import torch."""
     import subprocess
     import sys
 
-    code = "import sys, prott5nv.cli.preprocess, prott5nv.data.preprocess; print('torch' in sys.modules)"
+    code = ("import sys, prott5nv.cli, prott5nv.cli.preprocess, prott5nv.data.preprocess; prott5nv.cli.build_parser(); "
+            "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
     from prott5nv.api import DTYPES
     from prott5nv.cli.common import DTYPE_NAMES

@@ -9,7 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import PROTEOME, SAMPLE_FASTA
+from conftest import DEMO_DIM, PROTEOME, SAMPLE_FASTA
 
 import prott5nv
 from prott5nv.cli import main
@@ -55,7 +55,7 @@ def test_per_residue_on_prodigal_proteome_with_stop_symbols(tmp_path):
     with h5py.File(out) as f:
         assert len(f) == 30
         for r in records:
-            assert f[r.id].shape == (min(len(r.sequence), 512), 64)
+            assert f[r.id].shape == (min(len(r.sequence), 512), DEMO_DIM)
 
 
 def test_gzip_input_detected_by_content(tmp_path):

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import PROTEOME, SAMPLE_FASTA, SWISSPROT
+from conftest import DEMO_DIM, PROTEOME, SAMPLE_FASTA, SWISSPROT
 
 import prott5nv
 from prott5nv.api import bf16_supported, resolve_dtype
@@ -52,12 +52,12 @@ def read_h5(path: Path) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------- resume
-def test_sigkill_and_ctrl_c_then_resume_gives_the_uninterrupted_file(tmp_path):
+def test_sigkill_and_ctrl_c_then_resume_gives_the_uninterrupted_file(tmp_path, tiny_checkpoint):
     """Interrupt a run twice (SIGINT, then SIGKILL mid-write), rerun the same command: the finished file
     has the same datasets and bit-identical values as an uninterrupted run, and nothing is recomputed."""
     fasta = first_records(SWISSPROT, 250, tmp_path / "sp250.fasta")
     flags = ["--per-residue", "--pooling", "mean,max", "--chunk", "--batch-tokens", "1024", "--window", "100",
-             "--threads", "1"]  # fmt: skip
+             "--threads", "1", "--model", str(tiny_checkpoint)]  # fmt: skip
     whole, resumed = tmp_path / "whole.h5", tmp_path / "resumed.h5"
     subprocess.run(cli("embed", fasta, "-o", whole, *flags), env=ENV, check=True, capture_output=True)
     journal = partial_path(resumed) / "rank0.journal"
@@ -137,7 +137,7 @@ _RSS_SCRIPT = r"""
 import gzip, resource, sys
 from prott5nv.fasta import read_fasta
 from prott5nv.cli import main
-src, copies, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+src, copies, out, model = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 real = [(r.id, r.sequence) for r in read_fasta(src)]
 with open(out + ".fasta", "w") as fh:  # real sequences repeated under new ids
     for c in range(copies):
@@ -146,25 +146,25 @@ with open(out + ".fasta", "w") as fh:  # real sequences repeated under new ids
 del real
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 code = main(["embed", out + ".fasta", "-o", out, "--per-residue", "--max-length", "64", "--truncate",
-             "--window", "256", "--threads", "1"])
+             "--window", "256", "--threads", "1", "--model", model])
 print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
 """
 
 
-def test_memory_stays_bounded_on_a_large_input(tmp_path):
+def test_memory_stays_bounded_on_a_large_input(tmp_path, tiny_checkpoint):
     """Peak memory of embedding 18,000 proteins (295 MB of per-residue output) exceeds that of 3,000 by
     far less than the output size: results stream to disk, input streams from it."""
     peaks = {}
     for copies in (1, 6):
         out = tmp_path / f"o{copies}.h5"
-        res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(SWISSPROT), str(copies), str(out)],
-                             env={**ENV, "TQDM_DISABLE": "1"}, capture_output=True, text=True, check=True)  # fmt: skip
+        script = [sys.executable, "-c", _RSS_SCRIPT, str(SWISSPROT), str(copies), str(out), str(tiny_checkpoint)]
+        res = subprocess.run(script, env={**ENV, "TQDM_DISABLE": "1"}, capture_output=True, text=True, check=True)
         code, kib = map(int, res.stdout.splitlines()[-1].split())
         assert code == 0
         peaks[copies] = kib * 1024
         with h5py.File(out) as f:
             assert len(f) == 3000 * copies
-    output_bytes = 18000 * 64 * 64 * 4
+    output_bytes = 18000 * 64 * 64 * 4  # residues x tiny's width x fp32
     assert peaks[6] - peaks[1] < 0.5 * output_bytes, peaks  # reading blocks of 8 MiB adds ~30 MB
 
 
@@ -201,7 +201,7 @@ def test_chunked_equals_unchunked_for_short_and_windows_for_long(tmp_path):
             np.testing.assert_allclose(a["per_residue"][r.id][()], b["per_residue"][r.id][()], atol=1e-5)
         r = long[0]
         stitched = b["per_residue"][r.id][()]
-        assert stitched.shape == (len(r.sequence), 64)
+        assert stitched.shape == (len(r.sequence), DEMO_DIM)
         np.testing.assert_allclose(b["mean"][r.id][()], stitched.mean(0), rtol=1e-5, atol=1e-6)
     model = prott5nv.load("prott5nv-demo")
     starts = chunk_starts(len(r.sequence), 300, 100)
@@ -258,10 +258,10 @@ def test_every_format_reads_back_the_same_values(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- shards
-def test_two_processes_by_torchrun_merge_into_one_file(tmp_path):
+def test_two_processes_by_torchrun_merge_into_one_file(tmp_path, tiny_checkpoint):
     fasta = first_records(PROTEOME, 301, tmp_path / "p.faa")
     single, sharded = tmp_path / "single.h5", tmp_path / "sharded.h5"
-    flags = ["--truncate", "--threads", "1"]
+    flags = ["--truncate", "--threads", "1", "--model", str(tiny_checkpoint)]
     subprocess.run(cli("embed", fasta, "-o", single, *flags), env=ENV, check=True, capture_output=True)
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "prott5nv", "embed", str(fasta), "-o", str(sharded), *flags]  # fmt: skip
@@ -313,4 +313,4 @@ def test_onnx_export_matches_pytorch_on_dynamic_shapes(tmp_path, capsys):
         got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
         want, res_mask = model.tokens_to_hiddens(model.encode(group))
         m = res_mask.numpy()
-        np.testing.assert_allclose(got[m], want.numpy()[m], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(got[m], want.numpy()[m], atol=2e-3, rtol=1e-3)  # fp32 kernels differ

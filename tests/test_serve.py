@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_FASTA, SWISSPROT
+from conftest import DEMO_DIM, SAMPLE_FASTA, SWISSPROT
 
 import prott5nv
 from prott5nv.client import Client, RemoteEncoder, ServerError
@@ -30,6 +30,11 @@ from prott5nv.serve.batcher import DynamicBatcher
 from prott5nv.serve.wire import decode_array
 
 KEY = "s3cret-key-for-tests"
+
+# server vs local results: other batch compositions give fp32 noise, which a trained model amplifies to
+# ~1e-4 absolute (values are O(1); a real fault is off by far more)
+ATOL, RTOL = 2e-3, 1e-3
+MAX_VALUES = 3125 * DEMO_DIM  # the strict server's --max-output-values: 3,125 residues per request
 
 
 def _free_port() -> int:
@@ -77,7 +82,7 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "keys.txt").write_text(f"# accepted keys\n{KEY}\nanother-key\n")
     open_ = Server(tmp / "open.log", "--max-sequences", "64", "--max-request-residues", "20000",
-                   "--max-body-bytes", "200000", "--max-output-values", "200000")  # fmt: skip
+                   "--max-body-bytes", "200000", "--max-output-values", str(MAX_VALUES))  # fmt: skip
     strict = Server(tmp / "strict.log", "--api-key-file", str(tmp / "keys.txt"), "--max-queue", "1")
     try:
         open_.wait_ready()
@@ -140,7 +145,7 @@ def test_concurrent_clients_get_local_embeddings(servers, proteins, local):
     assert sorted(got) == list(range(len(seqs)))
     for i, vec in got.items():
         assert vec.shape == (local.embedding_dim,) and vec.dtype == np.float32
-        np.testing.assert_allclose(vec, expected[i], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(vec, expected[i], atol=ATOL, rtol=RTOL)
     after = server.health()
     assert after["requests"] - before["requests"] == sum(-(-len(range(k, 120, 6)) // 7) for k in range(6))
 
@@ -158,19 +163,19 @@ def test_per_residue_and_both_encodings(servers, proteins, local):
             per_res = decode_array(d["per_residue"])
             n = len(pairs[j][1])
             assert per_res.shape == (n, local.embedding_dim)
-            np.testing.assert_allclose(per_res, hiddens[j, :n].numpy(), atol=1e-5, rtol=1e-4)
+            np.testing.assert_allclose(per_res, hiddens[j, :n].numpy(), atol=ATOL, rtol=RTOL)
             if encoding == "base64":
                 assert d["per_residue"]["dtype"] == "float32" and d["per_residue"]["shape"] == [n, local.embedding_dim]
-    # over --max-output-values (200,000 = 3,125 residues x 64): 413; the client splits to fit instead
+    # over --max-output-values (3,125 residues x the width): 413; the client splits to fit instead
     many = proteins[:20]
-    assert sum(len(s) for _, s in many) * local.embedding_dim > 200_000
+    assert sum(len(s) for _, s in many) * local.embedding_dim > MAX_VALUES
     r = post(server.url + "/v1/embeddings", {"sequences": items(many), "per_residue": True})
-    assert r.status_code == 413 and "the limit is 200000 per request" in r.json()["detail"]
+    assert r.status_code == 413 and f"the limit is {MAX_VALUES} per request" in r.json()["detail"]
     got = Client(server.url).embed([s for _, s in many], per_residue=True)
     assert [g.shape for g in got] == [(len(s), local.embedding_dim) for _, s in many]
     hiddens, mask = local.seqs_to_hiddens([s for _, s in many])
     for j, g in enumerate(got):
-        np.testing.assert_allclose(g, hiddens[j, : len(g)].numpy(), atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(g, hiddens[j, : len(g)].numpy(), atol=ATOL, rtol=RTOL)
 
 
 def test_score_generate_infill_match_local(servers, proteins, local):
@@ -201,7 +206,7 @@ def test_remote_encoder_stands_in_for_the_local_model(servers, proteins, local):
     tokens = [local.tokenizer.encode(s) for _, s in proteins[:9]]
     got, want = remote.tokens_to_hiddens(tokens), local.tokens_to_hiddens(tokens)
     assert torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=RTOL)
 
 
 def test_batcher_merges_waiting_requests(local, proteins):
@@ -222,7 +227,7 @@ def test_batcher_merges_waiting_requests(local, proteins):
     assert batcher.batches == len(merged) < separate
     for g, res in zip(groups, results, strict=True):
         expected = local.seqs_to_embedding([s for _, s in g]).numpy()
-        np.testing.assert_allclose(np.stack([r.embedding for r in res]), expected, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(np.stack([r.embedding for r in res]), expected, atol=ATOL, rtol=RTOL)
     assert batcher.pending == 0 and batcher.requests == 4
 
 
@@ -349,7 +354,7 @@ def test_full_queue_gets_429_with_retry_after_and_client_retries(servers, protei
     for t in threads:
         t.join()
     for got in out:
-        np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(np.stack(got), expected, atol=ATOL, rtol=RTOL)
     assert strict.health()["pending"] == 0
 
 
@@ -428,6 +433,6 @@ def test_embed_cli_with_server_writes_the_local_file(servers, tmp_path):
     assert len(local_data) >= 48
     for name, (attrs, values) in local_data.items():
         assert remote_data[name][0] == attrs and remote_data[name][1].shape == values.shape
-        np.testing.assert_allclose(remote_data[name][1], values, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(remote_data[name][1], values, atol=ATOL, rtol=RTOL)
     assert len(_h5_contents(keyed_out)[1]) == len(list(read_fasta(SAMPLE_FASTA)))
     assert main(["embed", str(SAMPLE_FASTA), "-o", str(tmp_path / "x.h5"), "--server", strict.url]) == 2  # no key

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from ..downstream import HEADS
 from ..downstream.features import FEATURES, default_cache_dir
-from ..downstream.heads import HEADS
 from ..downstream.tasks import KINDS
 from .common import add_model_args, add_sequence_policy_args, sequence_policy
 

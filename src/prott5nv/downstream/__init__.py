@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "Task": "tasks", "TaskData": "tasks", "load_task": "tasks", "KINDS": "tasks",
     "FitOptions": "training", "FitResult": "training", "fit_frozen": "training", "fit_finetune": "training",
-    "Head": "heads", "HEADS": "heads",
+    "Head": "heads",
     "EmbeddingFeaturizer": "features", "OneHotFeaturizer": "features", "make_featurizer": "features",
     "Predictor": "predictor", "load_predictor": "predictor",
     "finetune_task": "run", "predict_file": "run",
@@ -20,7 +20,10 @@ _EXPORTS = {
     "PretrainProbe": "probe",
 }  # fmt: skip
 
-__all__ = sorted(_EXPORTS)
+#: Head kinds (defined here, torch-free, so the CLI can list them without importing torch).
+HEADS = ("linear", "mlp", "cnn")
+
+__all__ = sorted([*_EXPORTS, "HEADS"])
 
 
 def __getattr__(name: str) -> Any:
