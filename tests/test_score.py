@@ -16,7 +16,7 @@ from prott5nv.cli import main
 from prott5nv.data.masking import T5Masker
 from prott5nv.errors import InvalidSequenceError, ProtT5nvError
 from prott5nv.fasta import write_fasta
-from prott5nv.inference.score import score_fasta, score_variants
+from prott5nv.inference.score import score_fasta, score_sequences, score_variants
 from prott5nv.tokenizer import ProteinTokenizer
 
 
@@ -74,6 +74,35 @@ def test_seeded_reproducible_and_order_invariant(tiny_model, real_proteins, fast
     score_fasta(tiny_model, single, tmp_path / "one.csv", seed=1)
     (one,) = read_csv(tmp_path / "one.csv")
     assert float(one["loss"]) == pytest.approx(float(rows_a[3]["loss"]), abs=1e-5)
+
+
+def test_pseudo_likelihood_matches_masking_each_residue_by_hand(tiny_model, real_proteins, tmp_path):
+    """--pll: every residue masked alone (sentinel 0), log p of the true residue summed; batching within
+    a protein does not change it; the CLI writes the same numbers with n_masked = residues scored."""
+    tok = tiny_model.tokenizer
+    proteins = [(rid, seq[:40]) for rid, seq in real_proteins[:2]] + [("long", real_proteins[4][1] * 3)]
+    got = score_sequences(tiny_model, [s for _, s in proteins], [r for r, _ in proteins], pseudo_likelihood=True,
+                          batch_tokens=300)  # fmt: skip
+    rid, seq = proteins[0]
+    ids = tok.encode(seq)
+    by_hand = 0.0
+    for i in range(len(seq)):
+        enc = ids.copy()
+        enc[i] = tok.sentinel(0)
+        dec = torch.tensor([[tok.decoder_start_id, tok.sentinel(0), int(ids[i])]])
+        with torch.no_grad():
+            logits = tiny_model.model(torch.from_numpy(enc)[None], None, dec)[0]
+        by_hand -= float(logits.log_softmax(-1)[1, int(ids[i])])
+    assert got[0].n_masked == len(seq) and got[0].nll == pytest.approx(by_hand, rel=1e-5)
+    assert got[2].length == 3 * len(real_proteins[4][1]) > 510 and got[2].n_masked == 510  # first 510, as masked
+    fasta = tmp_path / "p.fasta"
+    write_fasta(proteins, fasta)
+    assert main(["score", str(fasta), "-o", str(tmp_path / "pll.csv"), "--pll", "--model",
+                 str(save_pretrained(tiny_model.model, tok, tmp_path / "m"))]) == 0  # fmt: skip
+    rows = read_csv(tmp_path / "pll.csv")
+    assert [int(r["n_masked"]) for r in rows] == [g.n_masked for g in got]
+    for row, g in zip(rows, got, strict=True):
+        assert float(row["loss"]) == pytest.approx(g.loss, abs=2e-5)
 
 
 def test_variant_scores_antisymmetric(tiny_model, real_proteins):

@@ -196,6 +196,8 @@ def test_config_file_recorded_and_overridden(data_dir, tmp_path):
         (["--seq-length", "1024"], "seq_length 1024 exceeds the model's 512 positions"),
         (["--model-override", "num_heads"], "--model-override 'num_heads': expected KEY=VALUE"),
         (["--resume"], "--resume: no checkpoint in"),
+        (["--position-init", "rope"], "position_init 'rope': choose one of normal, sinusoidal"),
+        (["--position-init", "sinusoidal", "--model-override", "family=t5"], "the t5 family has no position table"),
     ],
 )
 def test_inconsistent_settings_are_clear_errors(data_dir, tmp_path, capsys, extra, message):
@@ -221,3 +223,20 @@ def test_init_from_continues_from_given_weights(data_dir, tmp_path):
     assert trainer.step == 0 and trainer.optimizer.state == {}
     trainer.close()
     shutil.rmtree(tmp_path / "r", ignore_errors=True)
+
+
+def test_sinusoidal_position_init_gives_a_relative_structure():
+    """Row p+1 of the sin/cos start is row p turned by one fixed rotation per frequency, for every p (what
+    lets attention find neighbours); entries have the word table's RMS; the table is still trained."""
+    from prott5nv.train.trainer import build_model
+
+    model, _ = build_model(TrainConfig(preset="tiny", position_init="sinusoidal"))
+    table = model.embeddings.position_embeddings.weight
+    assert table.requires_grad and table.shape == (512, 64)
+    w = table.detach().double()
+    assert float(w.pow(2).mean().sqrt()) == pytest.approx(model.config.initializer_std, rel=1e-3)
+    z = torch.complex(w[:, 1::2], w[:, 0::2])  # cos + i sin = scale * exp(i p f) per frequency f
+    turn = z[1:] / z[:-1]
+    torch.testing.assert_close(turn, turn[:1].expand_as(turn), atol=1e-5, rtol=1e-5)  # fp32 table
+    fresh, _ = build_model(TrainConfig(preset="tiny"))
+    assert not torch.allclose(fresh.embeddings.position_embeddings.weight, table)

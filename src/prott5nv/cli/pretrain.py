@@ -22,6 +22,8 @@ FLAGS: list[tuple[str, type, str]] = [
     ("out", str, "run directory (checkpoints, metrics.jsonl, config.yaml, final model/)"),
     ("preset", str, "model shape: tiny, small, prott5nv-base (default: small)"),
     ("init_from", str, "start from these weights (native, .nemo or HF) with a fresh optimizer"),
+    ("position_init", str, "position table of a fresh model: normal (NeMo's, default) or sinusoidal (sin/cos "
+     "start, still trained: attention finds neighbours sooner)"),
     ("max_steps", int, "optimizer steps (default: 1000)"),
     ("micro_batch_size", int, "sequences per rank per forward pass (default: 12)"),
     ("accumulate", int, "micro-batches per optimizer step (default: 1)"),

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="masking seed (default: 0)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of residues masked (default: 0.15)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="token budget per batch (default: 4096)")
+    p.add_argument("--pll", action="store_true", help="all-positions pseudo-likelihood instead: every residue "
+                   "masked alone (one encoder pass per residue); n_masked = residues scored, perplexity = "
+                   "pseudo-perplexity")  # fmt: skip
     add_model_args(p)
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = score_fasta(
             model, args.input, args.output, seed=args.seed, masked_lm_prob=args.mask_prob,
-            batch_tokens=args.batch_tokens, policy=sequence_policy(args),
+            batch_tokens=args.batch_tokens, policy=sequence_policy(args), pseudo_likelihood=args.pll,
             on_start=lambda n: bar.reset(total=n), on_batch=bar.update,
         )  # fmt: skip
     finally:

@@ -11,6 +11,13 @@ Masked-token loss (`score_fasta`, `prott5nv score`)
     exp(loss). The overall perplexity is residue-weighted: exp(sum of all residue losses / number of masked
     residues).
 
+Pseudo-likelihood (`pseudo_likelihood=True`, `prott5nv score --pll`)
+    Every residue in turn (of the first 510) is the only one masked -- replaced by sentinel 0, target
+    ``sentinel_0 r_i </s>`` -- and log p(r_i) is summed: the all-positions pseudo-log-likelihood of ESM and
+    ProtTrans. The CSV has the same columns: n_masked = residues scored, loss = -PLL / n_masked, perplexity
+    = the pseudo-perplexity. It costs one encoder pass per residue, so rows are batched within a protein by
+    the token budget. No randomness: the seed does not matter.
+
 Variant effects (`score_variants`, `prott5nv score-variants`)
     For a variant like ``A23G`` (1-based position; ``A23G:K45R`` for several sites) the mutated positions are
     masked with sentinels 0, 1, ... in the wild-type sequence, so wild type and mutant see the *same*
@@ -72,15 +79,17 @@ class ScoreSummary:
     nll: float
     seconds: float
     output: str
+    pseudo: bool = False  # all-positions pseudo-likelihood instead of one masking
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll / self.masked) if self.masked else float("nan")
 
     def line(self) -> str:
+        what = "residues each masked alone" if self.pseudo else "masked residues"
         return (
-            f"scored {self.proteins} proteins, {self.masked} masked residues: loss "
-            f"{self.nll / max(self.masked, 1):.4f} nats, perplexity {self.perplexity:.3f} (residue-weighted) "
+            f"scored {self.proteins} proteins, {self.masked} {what}: loss {self.nll / max(self.masked, 1):.4f} "
+            f"nats, {'pseudo-' if self.pseudo else ''}perplexity {self.perplexity:.3f} (residue-weighted) "
             f"in {self.seconds:.1f} s -> {self.output}"
         )
 
@@ -154,6 +163,58 @@ def score_samples(
     return out
 
 
+def pseudo_likelihood_samples(model: ProtT5nv, residue_ids: np.ndarray) -> list[T5Sample]:
+    """One sample per residue of the first 510 (what masked scoring sees): that residue alone replaced by
+    sentinel 0, decoder target ``sentinel_0 r_i </s>``."""
+    tok = model.tokenizer
+    require_distinct_sentinels(tok, "pseudo-likelihood scoring")
+    s0 = tok.sentinel(0)
+    tokens = np.asarray(residue_ids, np.int64)[: make_masker(model, 0).max_tokens]
+    suffix = np.array([tok.eos_id] * tok.num_special_suffix, np.int64)
+    samples = []
+    for i, r in enumerate(tokens.tolist()):
+        enc = np.concatenate([tokens, suffix])
+        enc[i] = s0
+        samples.append(T5Sample(enc, np.array([tok.decoder_start_id, s0, r], np.int64), np.array([s0, r, tok.eos_id])))
+    return samples
+
+
+def pseudo_likelihood(model: ProtT5nv, residue_ids: np.ndarray, batch_tokens: int = 4096) -> tuple[float, int]:
+    """``(-PLL, residues scored)`` of one protein (see the module docstring), in token-budget batches."""
+    samples = pseudo_likelihood_samples(model, residue_ids)
+    rows = max(1, batch_tokens // (len(samples) + 4))
+    nll = sum(s for lo in range(0, len(samples), rows) for s, _ in residue_nll(model, samples[lo : lo + rows]))
+    return nll, len(samples)
+
+
+def _score_cleaned(
+    model: ProtT5nv,
+    seqs: Sequence[str],
+    ids: Sequence[str],
+    *,
+    seed: int,
+    masked_lm_prob: float,
+    batch_tokens: int,
+    policy: SequencePolicy,
+    pseudo: bool,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[ProteinScore]:
+    """Scores of sequences (cleaned under `policy` first; a bad one raises naming its id)."""
+    if batch_tokens <= 0:
+        raise ConfigError(f"batch_tokens must be positive, got {batch_tokens}")
+    if pseudo:
+        cleaned = [clean_sequence(seq, rid, policy) for seq, rid in zip(seqs, ids, strict=True)]
+        scored = []
+        for seq, rid in zip(cleaned, ids, strict=True):
+            scored.append(pseudo_likelihood(model, model.tokenizer.encode_residues(seq, rid), batch_tokens))
+            if on_batch:
+                on_batch(1)
+    else:
+        cleaned, samples = mask_sequences(model, seqs, ids, seed=seed, masked_lm_prob=masked_lm_prob, policy=policy)
+        scored = score_samples(model, samples, batch_tokens, on_batch)
+    return [ProteinScore(rid, len(seq), n, nll) for rid, seq, (nll, n) in zip(ids, cleaned, scored, strict=True)]
+
+
 def score_sequences(
     model: ProtT5nv,
     seqs: Sequence[str],
@@ -163,14 +224,13 @@ def score_sequences(
     masked_lm_prob: float = 0.15,
     batch_tokens: int = 4096,
     policy: SequencePolicy = DEFAULT_POLICY,
+    pseudo_likelihood: bool = False,
 ) -> list[ProteinScore]:
-    """Masked-token loss of each sequence of a list (the same numbers :func:`score_fasta` writes)."""
+    """Masked-token loss (or, with `pseudo_likelihood`, the all-positions pseudo-likelihood) of each
+    sequence of a list: the numbers :func:`score_fasta` writes."""
     names = list(ids) if ids is not None else [f"sequence {i + 1}" for i in range(len(seqs))]
-    cleaned, samples = mask_sequences(model, seqs, names, seed=seed, masked_lm_prob=masked_lm_prob, policy=policy)
-    scored = score_samples(model, samples, batch_tokens)
-    return [
-        ProteinScore(rid, len(seq), n, nll) for rid, seq, (nll, n) in zip(names, cleaned, scored, strict=True)
-    ]
+    return _score_cleaned(model, seqs, names, seed=seed, masked_lm_prob=masked_lm_prob, batch_tokens=batch_tokens,
+                          policy=policy, pseudo=pseudo_likelihood)  # fmt: skip
 
 
 def score_fasta(
@@ -182,23 +242,23 @@ def score_fasta(
     masked_lm_prob: float = 0.15,
     batch_tokens: int = 4096,
     policy: SequencePolicy = DEFAULT_POLICY,
+    pseudo_likelihood: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> ScoreSummary:
-    """Masked-token loss of every protein of a FASTA file, written as CSV ``id,length,n_masked,loss,
-    perplexity`` in input order (atomically). See the module docstring for what is averaged."""
+    """Masked-token loss (or, with `pseudo_likelihood`, the all-positions pseudo-likelihood) of every
+    protein of a FASTA file, written as CSV ``id,length,n_masked,loss,perplexity`` in input order
+    (atomically). See the module docstring for what is averaged."""
     if batch_tokens <= 0:
         raise ConfigError(f"batch_tokens must be positive, got {batch_tokens}")
     records = [(r.id, r.sequence) for r in read_fasta(input_path, policy)]  # validates the whole file first
     if on_start:
         on_start(len(records))
     start = time.perf_counter()
-    _, samples = mask_sequences(
+    scores = _score_cleaned(
         model, [s for _, s in records], [r for r, _ in records], seed=seed, masked_lm_prob=masked_lm_prob,
-        policy=policy,
+        batch_tokens=batch_tokens, policy=policy, pseudo=pseudo_likelihood, on_batch=on_batch,
     )  # fmt: skip
-    scored = score_samples(model, samples, batch_tokens, on_batch)
-    scores = [ProteinScore(rid, len(seq), n, nll) for (rid, seq), (nll, n) in zip(records, scored, strict=True)]
     with atomic_text_file(output_path) as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "length", "n_masked", "loss", "perplexity"])
@@ -206,7 +266,7 @@ def score_fasta(
             writer.writerow([s.id, s.length, s.n_masked, f"{s.loss:.6f}", f"{s.perplexity:.6f}"])
     summary = ScoreSummary(
         proteins=len(scores), masked=sum(s.n_masked for s in scores), nll=sum(s.nll for s in scores),
-        seconds=time.perf_counter() - start, output=str(output_path),
+        seconds=time.perf_counter() - start, output=str(output_path), pseudo=pseudo_likelihood,
     )  # fmt: skip
     log.debug(summary.line())
     return summary

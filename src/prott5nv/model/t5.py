@@ -209,6 +209,23 @@ class Embeddings(nn.Module):
             nn.Embedding(cfg.max_position_embeddings, cfg.d_model) if cfg.absolute_positions else None
         )
 
+    @torch.no_grad()
+    def init_positions_sinusoidal(self, std: float) -> None:
+        """Start the learned position table from the Transformer's sin/cos table (scaled so each entry has
+        RMS `std`, the word table's init): relative offsets are then linear maps of the table, so attention
+        can find neighbours from the first steps instead of first having to give random rows a structure.
+        The table stays a trained parameter; the architecture does not change."""
+        if self.position_embeddings is None:
+            raise ValueError("this model has no absolute position table (relative positions)")
+        w = self.position_embeddings.weight
+        n, d = w.shape
+        pos = torch.arange(n, dtype=torch.float64)[:, None]
+        freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float64) / d)
+        table = torch.zeros(n, d, dtype=torch.float64)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
+        w.copy_(table * (std * math.sqrt(2)))
+
     def forward(self, input_ids: Tensor, past_len: int = 0) -> Tensor:
         x = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:

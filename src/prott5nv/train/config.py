@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..model.config import dataclass_from_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+POSITION_INITS = ("normal", "sinusoidal")
 
 
 @dataclass
@@ -22,6 +23,7 @@ class TrainConfig:
     preset: str = "small"  # model shape (see model/config.py PRESETS)
     model: dict[str, Any] = field(default_factory=dict)  # T5Config overrides, e.g. {"num_layers": 4}
     init_from: str | None = None  # start from these weights (native, .nemo or HF), fresh optimizer
+    position_init: str = "normal"  # fresh models: NeMo's normal(std) position table, or "sinusoidal"
     max_steps: int = 1000
     micro_batch_size: int = 12
     accumulate: int = 1
@@ -53,6 +55,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # YAML gives lists
+        if self.position_init not in POSITION_INITS:
+            raise ConfigError(f"position_init {self.position_init!r}: choose one of {', '.join(POSITION_INITS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         for name in ("max_steps", "micro_batch_size", "accumulate", "val_every", "save_every", "keep_last",

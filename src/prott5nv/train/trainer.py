@@ -94,6 +94,10 @@ def build_model(cfg: TrainConfig) -> tuple[T5Model, ProteinTokenizer]:
     else:
         config = preset(cfg.preset).replace(**cfg.model)
         model, tokenizer = T5Model(config), ProteinTokenizer()
+        if cfg.position_init == "sinusoidal":
+            if not config.absolute_positions:
+                raise ConfigError(f"position_init sinusoidal: the {config.family} family has no position table")
+            model.embeddings.init_positions_sinusoidal(config.initializer_std)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary {model.config.vocab_size}"
