@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from prott5nv.checkpoint import bundled_models, load_checkpoint, resolve, save_pretrained
+from prott5nv.checkpoint import bundled_models, load_checkpoint, provenance, resolve, save_pretrained
 from prott5nv.errors import CheckpointError
 from prott5nv.model.config import preset
 from prott5nv.model.t5 import T5Model
@@ -26,6 +26,19 @@ def test_round_trip_identical_outputs(tmp_path, tiny_model, real_proteins):
     # the tied word table is stored once
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "prott5nv" and cfg["model"]["d_model"] == 64
+
+
+def test_convert_to_bfloat16_keeps_provenance(tmp_path, tiny_model):
+    """`prott5nv convert --dtype bfloat16` (how the demo model is shipped): same weights in bf16, and the
+    source's record of how it was made carried over, plus where it was converted from."""
+    from prott5nv.cli import main
+
+    src = save_pretrained(tiny_model.model, tiny_model.tokenizer, tmp_path / "run", extra={"trained_steps": 7})
+    assert main(["convert", str(src), str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0
+    assert provenance(tmp_path / "half") == {"trained_steps": 7, "converted_from": str(src)}
+    model, _ = load_checkpoint(tmp_path / "half")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, tiny_model.model.state_dict()[k].to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
 def test_bfloat16_storage_loads_as_float32(tmp_path, tiny_model):

@@ -123,6 +123,15 @@ def save_pretrained(
     return Path(path)
 
 
+def provenance(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The ``extra`` record of a native checkpoint (how it was made: training steps, data, conversions);
+    empty for other formats."""
+    path = resolve(name_or_path)
+    if detect_format(path) != "native":
+        return {}
+    return dict(_read_json(path / "config.json").get("extra") or {})
+
+
 def load_native(path: Path) -> tuple[T5Model, ProteinTokenizer]:
     data = _read_json(path / "config.json")
     if data.get("format_version", 0) > FORMAT_VERSION:

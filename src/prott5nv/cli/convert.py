@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import DTYPES
-    from ..checkpoint import load_checkpoint, save_pretrained
+    from ..checkpoint import load_checkpoint, provenance, save_pretrained
     from ..interop.hf import save_hf
 
     dst: Path = args.dst
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.to == "hf":
         save_hf(model, tokenizer, dst, dtype=dtype)
     else:
-        save_pretrained(model, tokenizer, dst, dtype=dtype, extra={"converted_from": str(args.src)})
+        extra = {**provenance(args.src), "converted_from": str(args.src)}  # keeps how the source was made
+        save_pretrained(model, tokenizer, dst, dtype=dtype, extra=extra)
     log.info("wrote %s checkpoint %s (%s parameters)", args.to, dst, f"{model.num_parameters():,}")
     return 0
