@@ -226,10 +226,14 @@ def test_dataset_with_workers_matches_single_process(built) -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_small_units_and_flushes_give_the_same_store(built, inputs, tmp_path, monkeypatch) -> None:
-    """Many FASTA units, many hash-partition flushes and split chunks: the same bytes as one big step."""
+@pytest.mark.parametrize("parser", ["c", "numpy"])
+def test_small_units_and_flushes_give_the_same_store(built, inputs, tmp_path, monkeypatch, parser) -> None:
+    """Many FASTA units, many hash-partition flushes and split chunks, with either FASTA parser (the C
+    accelerator or the numpy path that replaces it): the same bytes as one big step."""
     from prott5nv import fasta
 
+    if parser == "numpy":
+        monkeypatch.setattr(fasta, "_fastscan", None)
     monkeypatch.setattr(fasta, "_CHUNK", 4096)
     monkeypatch.setattr(pp._HashPartitions, "_FLUSH", 300)
     monkeypatch.setattr(pp, "_CHUNK_RECORDS", 257)

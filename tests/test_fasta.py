@@ -22,6 +22,20 @@ def write(path: Path, text: str | bytes) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, params=["c", "numpy"])
+def parser(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: with the C accelerator (the default where it was built) and with the
+    numpy path that replaces it where no compiler was available."""
+    if request.param == "numpy":
+        monkeypatch.setattr(fasta, "_fastscan", None)
+    return request.param
+
+
+def test_the_c_accelerator_is_built() -> None:
+    # setup.py builds it whenever a C compiler is present (CI has one): losing it would halve the speed
+    from prott5nv import _fastscan  # noqa: F401
+
+
 @pytest.fixture(scope="session")
 def plain_parse(naive_fasta):
     return naive_fasta
@@ -37,6 +51,16 @@ def test_plain_swissprot_matches_naive_parse(plain_parse, swissprot_2k: Path) ->
     assert len(got) == 2000
     assert got == plain_parse(swissprot_2k)
     assert got[0][0] == "sp|Q6J1Z5|"
+
+
+def test_whole_real_sample_matches_naive_parse(test_data: Path, naive_fasta) -> None:
+    """All 3,000 bundled Swiss-Prot records (ids, sequences, header lines) through the fast path; the
+    descriptions are the header text after the id."""
+    path = test_data / "swissprot_3k.fasta.gz"
+    got = list(read_fasta(path))
+    assert [(r.id, r.sequence, r.line) for r in got] == naive_fasta(path)
+    headers = [line for line in gzip.open(path, "rt") if line.startswith(">")]
+    assert [r.description for r in got] == [(h[1:].split(None, 1) + [""])[1].strip() for h in headers]
 
 
 def test_gzip_detected_by_content_not_name(swissprot_2k: Path, tmp_path: Path) -> None:

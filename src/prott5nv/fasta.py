@@ -33,6 +33,11 @@ import numpy as np
 from .errors import FastaFormatError, InvalidSequenceError
 from .sequence import DEFAULT_POLICY, RESIDUES, SequencePolicy, clean_sequence
 
+try:  # the optional C accelerator (setup.py); without it the numpy path parses
+    from . import _fastscan
+except ImportError:  # pragma: no cover - depends on the build
+    _fastscan = None
+
 log = logging.getLogger(__name__)
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -64,6 +69,20 @@ def _unit_table(policy: SequencePolicy) -> tuple[bytes, bytes]:
                 table[c] = table[c | 0x20] = ord("X")
     table[_GT] = _NL
     return bytes(table), _WHITESPACE + (b"-." if policy.strip_gaps else b"")
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_table(policy: SequencePolicy) -> bytes:
+    """The byte table of the C accelerator (``_fastscan.c``): the upper-case residue a byte stands for,
+    1 for bytes deleted (whitespace; gaps under `strip_gaps`), 2 for '*', 0 for anything else."""
+    table = bytearray(_unit_table(policy)[0])
+    table[_GT] = 0
+    for c in _WHITESPACE:
+        table[c] = 1
+    if policy.strip_gaps:
+        table[ord("-")] = table[ord(".")] = 1
+    table[ord("*")] = 2
+    return bytes(table)
 
 
 @dataclass(frozen=True)
@@ -111,24 +130,42 @@ class FastaBlock:
             descriptions=descriptions,
         )
 
-    def select(self, keep: np.ndarray, join: bool = True) -> FastaBlock:
-        """The records where boolean `keep` is true, taken as runs of kept records (not one by one).
-        With ``join=False``, :attr:`packed` and :attr:`id_packed` are lists of memoryviews of this
-        block's buffers (for a writer: no copy)."""
+    def select(self, keep: np.ndarray) -> FastaBlock:
+        """The records where boolean `keep` is true (copied by the C accelerator, or as runs of kept
+        records -- not one by one)."""
         if keep.all():
             return self
-        edges = np.diff(keep.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-        first, stop = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        packed = _take_runs(self.packed, self.lengths, first, stop)
-        id_packed = _take_runs(self.id_packed, self.id_lengths, first, stop)
         return FastaBlock(
-            packed=b"".join(packed) if join else packed,  # type: ignore[arg-type]
+            packed=_select_items(self.packed, self.lengths, keep),
             lengths=self.lengths[keep],
-            id_packed=b"".join(id_packed) if join else id_packed,  # type: ignore[arg-type]
+            id_packed=_select_items(self.id_packed, self.id_lengths, keep),
             id_lengths=self.id_lengths[keep],
             lines=self.lines[keep],
             descriptions=None if self.descriptions is None else list(compress(self.descriptions, keep)),
         )
+
+    def id_digests(self) -> np.ndarray:
+        """A 64-bit hash (int64) of each id, for duplicate detection (equal within one process)."""
+        return _digests(self.id_packed, self.id_lengths)
+
+    def sequence_digests(self) -> np.ndarray:
+        """A 64-bit hash (int64) of each sequence (see :meth:`id_digests`)."""
+        return _digests(self.packed, self.lengths)
+
+
+def _digests(packed: bytes | bytearray, lengths: np.ndarray) -> np.ndarray:
+    if _fastscan is not None:
+        return np.frombuffer(_fastscan.hash_items(packed, lengths), np.int64)
+    return np.fromiter(map(hash, bytes(packed).split(b"\n")[:-1]), np.int64, len(lengths))
+
+
+def _select_items(packed: bytes | bytearray, lengths: np.ndarray, keep: np.ndarray) -> bytes:
+    """The items of `packed` (each of `lengths` bytes plus a separator) where `keep` is true."""
+    if _fastscan is not None:
+        return _fastscan.compact(packed, lengths, keep.view(np.uint8))
+    edges = np.diff(keep.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+    first, stop = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return b"".join(_take_runs(packed, lengths, first, stop))
 
 
 def _take_runs(packed: bytes | bytearray, lengths: np.ndarray, first: np.ndarray, stop: np.ndarray) -> list:
@@ -204,25 +241,26 @@ def _fill(fh: io.IOBase, view: memoryview) -> int:
 
 class _Unit(NamedTuple):
     """Whole records: a fresh bytearray that starts with ``\n`` (the file's first unit with a virtual one)
-    and ends with ``\n`` (one is added at the end of the file), and what the read-ahead thread found."""
+    and ends with ``\n`` (one is added at the end of the file), and -- for the numpy path -- what the
+    read-ahead thread found."""
 
     buf: bytearray
-    newlines: np.ndarray  # positions of every newline
-    heads: np.ndarray  # indices into `newlines` of those followed by '>' (header starts)
-    gts: int  # count of '>' anywhere
+    newlines: np.ndarray | None = None  # positions of every newline
+    heads: np.ndarray | None = None  # indices into `newlines` of those followed by '>' (header starts)
+    gts: int = 0  # count of '>' anywhere
 
 
-def _scan(buf: bytearray, end: int, nl: np.ndarray | None = None) -> _Unit:
-    """Index the unit ``buf[:end]`` (`nl`: its newline positions, when known)."""
-    a = np.frombuffer(buf, np.uint8)[:end]
-    if nl is None:
-        nl = np.flatnonzero(a == _NL)
+def _scan(buf: bytearray) -> _Unit:
+    """Index a unit for the numpy path."""
+    a = np.frombuffer(buf, np.uint8)
+    nl = np.flatnonzero(a == _NL)
     return _Unit(buf, nl, np.flatnonzero(a[nl[:-1] + 1] == _GT), int(np.count_nonzero(a == _GT)))
 
 
-def _read_units(fh: io.IOBase) -> Iterator[_Unit]:
-    """Split the file into units of whole records (see :class:`_Unit`). A record longer than a chunk makes
-    the next read larger (no quadratic copying)."""
+def _read_units(fh: io.IOBase, index: bool) -> Iterator[_Unit]:
+    """Split the file into units of whole records (see :class:`_Unit`), each ending before the last
+    header of a chunk; `index`: scan each unit for the numpy path. A record longer than a chunk makes the
+    next read larger (no quadratic copying)."""
     carry = bytearray(b"\n")
     while True:
         buf = bytearray(len(carry) + max(_CHUNK, len(carry)))
@@ -235,21 +273,16 @@ def _read_units(fh: io.IOBase) -> Iterator[_Unit]:
             if buf.strip():
                 if not buf.endswith(b"\n"):
                     buf += b"\n"
-                yield _scan(buf, len(buf))
+                yield _scan(buf) if index else _Unit(buf)
             return
-        a = np.frombuffer(buf, np.uint8)
-        nl = np.flatnonzero(a == _NL)
         # the last header starts the carry; one right after the last newline waits for the next round
-        last = np.flatnonzero(a[nl[1:-1] + 1] == _GT)[-1:] + 1 if len(nl) > 2 else nl[:0]
-        del a
-        if not len(last):
-            carry = buf  # one record so far: read on
+        cut = buf.rfind(b"\n>", 1)
+        if cut < 0:  # one record so far: read on
+            carry = buf
             continue
-        cut = int(nl[last[0]])
         carry = buf[cut:]
-        unit = _scan(buf, cut + 1, nl[: last[0] + 1])
         del buf[cut + 1 :]
-        yield unit
+        yield _scan(buf) if index else _Unit(buf)
 
 
 def _prefetch(items: Iterator) -> Iterator:
@@ -309,7 +342,9 @@ class FastaReader:
     `skip_invalid`: instead of raising on a bad record, count it in :attr:`skipped` (with its message in
     :attr:`skipped_messages`, the first 100 kept) and go on. Structural problems (not FASTA, no records)
     still raise. `on_read` sees every raw chunk read from disk (for checksums and progress; a read-only
-    view valid during the call).
+    view valid during the call). Valid records shorter than `min_length` or longer than `max_length`
+    are counted in :attr:`too_short` / :attr:`too_long` (and in :attr:`records`) but not yielded, and
+    their ids are not checked for duplicates.
     """
 
     path: str | os.PathLike
@@ -320,6 +355,10 @@ class FastaReader:
     skipped_messages: list[str] = field(default_factory=list)
     records: int = 0
     on_read: Callable[[memoryview], None] | None = None
+    min_length: int = 1
+    max_length: int | None = None
+    too_short: int = 0
+    too_long: int = 0
 
     def __iter__(self) -> Iterator[FastaRecord]:
         for block in self._iter_blocks(describe=True):
@@ -348,11 +387,18 @@ class FastaReader:
         base = 1  # line number of the first line after the unit's leading newline
         with fh:
             try:
-                for unit in _prefetch(_read_units(fh)):
-                    block = self._parse_fast(unit, base, seen, describe)
-                    if block is None:
-                        block = self._parse(bytes(unit.buf), base, name, seen)
-                    base += len(unit.newlines) - 1
+                for unit in _prefetch(_read_units(fh, index=_fastscan is None)):
+                    if _fastscan is not None:
+                        parsed = self._parse_c(unit.buf, base, seen, describe)
+                    else:
+                        parsed = self._parse_fast(unit, base, seen, describe)
+                    if parsed is None:
+                        block, newlines = self._parse(bytes(unit.buf), base, name, seen), unit.buf.count(b"\n") - 1
+                    else:
+                        block, newlines = parsed
+                    if _fastscan is None or parsed is None:
+                        block = self._filter(block)
+                    base += newlines
                     if len(block):
                         yield block
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
@@ -361,8 +407,55 @@ class FastaReader:
             raise FastaFormatError(f"{name}: no FASTA records found")
 
     # ------------------------------------------------------------------ unit parsing
-    def _parse_fast(self, unit: _Unit, base: int, seen: set[bytes], describe: bool) -> FastaBlock | None:
-        """Parse a unit with whole-array operations, or return None (unit left as it was) when it holds
+    def _parse_c(
+        self, buf: bytearray, base: int, seen: set[bytes], describe: bool
+    ) -> tuple[FastaBlock, int] | None:
+        """Parse a unit with the C accelerator (one pass, GIL released; see ``_fastscan.c``); returns the
+        block and the unit's newline count, or None for the careful path (as :meth:`_parse_fast`)."""
+        longest = self.max_length if self.max_length is not None else len(buf)
+        got = _fastscan.scan(buf, len(buf), _scan_table(self.policy), base, self.min_length, longest)
+        if got is None:
+            return None
+        packed, lengths, id_packed, id_lengths, lines, spans, newlines, too_short, too_long = got
+        lengths = np.frombuffer(lengths, np.int64)
+        if self.check_duplicates:
+            new = set(id_packed.split(b"\n")[:-1])
+            if len(new) != len(lengths) or not seen.isdisjoint(new):
+                return None
+            seen |= new
+        self.too_short += too_short
+        self.too_long += too_long
+        self.records += too_short + too_long
+        descriptions = None
+        if describe:
+            span = np.frombuffer(spans, np.int64).reshape(-1, 2).tolist()
+            descriptions = [bytes(buf[s:t]) for s, t in span]
+        self.records += len(lengths)
+        block = FastaBlock(
+            packed=packed,
+            lengths=lengths,
+            id_packed=id_packed,
+            id_lengths=np.frombuffer(id_lengths, np.int64),
+            lines=np.frombuffer(lines, np.int64),
+            descriptions=descriptions,
+        )
+        return block, newlines
+
+    def _filter(self, block: FastaBlock) -> FastaBlock:
+        """Drop (and count) the records outside the length window (the C path filters as it parses)."""
+        if self.min_length <= 1 and self.max_length is None:
+            return block
+        short = block.lengths < self.min_length
+        long = block.lengths > self.max_length if self.max_length is not None else np.zeros_like(short)
+        self.too_short += int(np.count_nonzero(short))
+        self.too_long += int(np.count_nonzero(long))
+        return block.select(~(short | long))
+
+    def _parse_fast(
+        self, unit: _Unit, base: int, seen: set[bytes], describe: bool
+    ) -> tuple[FastaBlock, int] | None:
+        """Parse a unit with whole-array operations (the path without the C accelerator); returns the
+        block and the unit's newline count, or None (unit left as it was) when it holds
         anything unusual: text before the first header, '*' or another invalid character, a '>' not
         starting a header, an empty record or id, a duplicate id. The careful path then handles it.
         Lower case, CR, blanks (and gaps / unknown letters under the policy) are handled here.
@@ -425,7 +518,7 @@ class FastaReader:
             a[text] = header_bytes
             return None
         self.records += n
-        return FastaBlock(
+        block = FastaBlock(
             packed=packed,
             lengths=lengths,
             id_packed=id_packed,
@@ -433,6 +526,7 @@ class FastaReader:
             lines=base + heads,
             descriptions=descriptions,
         )
+        return block, len(nl) - 1
 
     def _parse(self, raw: bytes, base: int, name: str, seen: set[bytes]) -> FastaBlock:
         parts = _HEADER.split(raw)

@@ -6,7 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -64,3 +65,27 @@ def atomic_text_file(path: str | os.PathLike) -> Iterator[IO[str]]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sync_in_background(paths: Sequence[str | os.PathLike]) -> Callable[[], None]:
+    """Start flushing the files `paths` to disk (fsync) in a thread, so that the caller's remaining work
+    overlaps the disk writes; returns a function that waits for it and raises its error, if any."""
+    errors: list[OSError] = []
+
+    def work() -> None:
+        for path in paths:
+            try:
+                with open(path, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=work, name="fsync", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    return wait

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ import numpy as np
 
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import FastaReader
-from ..fsutil import atomic_directory
+from ..fsutil import atomic_directory, sync_in_background
 from ..sequence import DEFAULT_POLICY, SequencePolicy
 from .store import (
     FORMAT,
@@ -93,6 +94,9 @@ def _check_config(cfg: PreprocessConfig) -> None:
 
 def _later_duplicates(digests: np.ndarray, same: Callable[[int, int], bool]) -> list[tuple[int, int]]:
     """(first, later) pairs of items whose 64-bit digests match and that `same` confirms equal."""
+    ranked = np.sort(digests)  # a vectorised sort; the stable argsort below only when a digest repeats
+    if not (ranked[1:] == ranked[:-1]).any():
+        return []
     order = np.argsort(digests, kind="stable")
     ranked = digests[order]
     hits = np.flatnonzero(ranked[1:] == ranked[:-1])
@@ -167,6 +171,33 @@ class _HashPartitions:
         return count, pairs
 
 
+def _checksum_in_background(path: Path) -> Callable[[], str]:
+    """Start the SHA-256 of a file in a thread of its own (hashing and file reads release the GIL, so it
+    runs beside the parse on another core); returns a function that waits for the hex digest."""
+    result: list[str | BaseException] = []
+
+    def work() -> None:
+        try:
+            digest, buf = hashlib.sha256(), bytearray(1 << 20)
+            with open(path, "rb", buffering=0) as fh, memoryview(buf) as view:
+                while n := fh.readinto(buf):
+                    digest.update(view[:n])
+            result.append(digest.hexdigest())
+        except BaseException as exc:  # re-raised by the waiter
+            result.append(exc)
+
+    thread = threading.Thread(target=work, name="sha256", daemon=True)
+    thread.start()
+
+    def wait() -> str:
+        thread.join()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    return wait
+
+
 def _true_positions(mask: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """Positions of the ``ranks[i]``-th true entries of `mask` (what ``np.flatnonzero(mask)[ranks]``
     gives, chunk by chunk: no array of every position)."""
@@ -218,63 +249,49 @@ def _build(
     t0 = time.perf_counter()
     work = tmp / "_work"
     work.mkdir()
-    ordinals = _Int64Spool(work / "ordinals")  # a record's number among its file's valid records
-    files = _Int64Spool(work / "files")
+    lines = _Int64Spool(work / "lines")  # header line of each stored record (for messages)
+    first_record = [0]  # stored records of file i: first_record[i] .. first_record[i + 1] - 1
     id_hashes = _HashPartitions(work, "id_hash")
     seq_hashes = _HashPartitions(work, "seq_hash") if cfg.dedup else None
-    max_len = cfg.max_length if cfg.max_length is not None else np.iinfo(np.int64).max
     counts = {"records": 0, "invalid": 0, "too_long": 0, "too_short": 0, "duplicate_ids": 0, "duplicates": 0}
     sources = []
     skipped_messages: list[str] = []
     stored = 0
     with StoreWriter(tmp / SEQUENCES) as scratch:
-        for file_index, path in enumerate(paths):
-            digest = hashlib.sha256()
-
-            def on_read(chunk: memoryview, digest=digest) -> None:
-                digest.update(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-
+        for path in paths:
+            digest = _checksum_in_background(path)
             reader = FastaReader(path, cfg.policy, skip_invalid=cfg.skip_invalid, check_duplicates=False,
-                                 on_read=on_read)  # fmt: skip
+                                 on_read=(lambda chunk: progress(len(chunk))) if progress else None,
+                                 min_length=cfg.min_length, max_length=cfg.max_length)  # fmt: skip
             for block in reader.blocks():
-                n = len(block)
-                lengths = block.lengths
-                keep = (lengths >= cfg.min_length) & (lengths <= max_len)
-                counts["too_long"] += int((lengths > max_len).sum())
-                counts["too_short"] += int((lengths < cfg.min_length).sum())
-                ids = np.fromiter(map(hash, block.ids), np.int64, n)[keep]
-                seqs = np.fromiter(map(hash, block.sequences), np.int64, n)[keep] if seq_hashes else None
-                block = block.select(keep, join=False)
                 scratch.add(block.packed, block.lengths, block.id_packed, block.id_lengths)
-                ordinals.append(np.arange(reader.records - n, reader.records)[keep])
-                files.append(np.full(len(block), file_index, np.int64))
+                lines.append(block.lines)
                 numbers = np.arange(stored, stored + len(block))
                 stored += len(block)
-                id_hashes.append(ids, numbers)
+                id_hashes.append(block.id_digests(), numbers)
                 if seq_hashes is not None:
-                    seq_hashes.append(seqs, numbers)
+                    seq_hashes.append(block.sequence_digests(), numbers)
+            first_record.append(stored)
+            for key in ("too_long", "too_short"):
+                counts[key] += getattr(reader, key)
             counts["records"] += reader.records + reader.skipped
             counts["invalid"] += reader.skipped
             skipped_messages += reader.skipped_messages[: 100 - len(skipped_messages)]
             sources.append(
-                {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest(),
+                {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest(),
                  "records": reader.records + reader.skipped, "invalid": reader.skipped}
             )  # fmt: skip
         n_all, _ = scratch.close()
     t_parse = time.perf_counter() - t0
     everything = SequenceStore(tmp / SEQUENCES)
     keep = np.ones(n_all, bool)
-    ordinal_of, file_of = ordinals.close(), files.close()
+    line_of = lines.close()
 
     # Duplicate ids are input errors (SPEC.md §8); with skip_invalid the later record is dropped.
     same_id = lambda i, j: everything.id(i) == everything.id(j)  # noqa: E731
     found, pairs = id_hashes.duplicates(same_id, keep, 100 if cfg.skip_invalid else 1)
-    named = {r for pair in pairs for r in pair}  # messages name lines (one re-read per file)
-    line = _header_lines(paths, file_of, ordinal_of, named, cfg.policy)
     for first, later in pairs:
-        where = [f"{paths[file_of[r]]}" + (f":{line[r]}" if r in line else "") for r in (first, later)]
+        where = [f"{paths[np.searchsorted(first_record, r, 'right') - 1]}:{line_of[r]}" for r in (first, later)]
         msg = f"{where[1]}: record '{everything.id(later)}': duplicate id (first seen at {where[0]})"
         if not cfg.skip_invalid:
             raise InvalidSequenceError(msg)
@@ -304,6 +321,8 @@ def _build(
     del keep, chosen, records
 
     splits = _write_splits(tmp / SEQUENCES / "offsets.npy", labels, tmp)
+    sync_in_background([tmp / f"{name}.npy" for name in SPLITS])()
+    scratch.synced()
     shutil.rmtree(work)
     elapsed = time.perf_counter() - t0
     settings = asdict(cfg)
@@ -323,26 +342,9 @@ def _build(
     }
 
 
-def _header_lines(
-    paths: list[Path], file_of: np.ndarray, ordinal_of: np.ndarray, records: set[int], policy: SequencePolicy
-) -> dict[int, int]:
-    """Header line of each stored record in `records` (for error messages: re-reads their files once)."""
-    out: dict[int, int] = {}
-    for f in sorted({int(file_of[r]) for r in records}):
-        wanted = {int(ordinal_of[r]): r for r in records if file_of[r] == f}
-        seen = 0
-        for block in FastaReader(paths[f], policy, skip_invalid=True, check_duplicates=False).blocks():
-            for o in [o for o in wanted if seen <= o < seen + len(block)]:
-                out[wanted.pop(o)] = int(block.lines[o - seen])
-            seen += len(block)
-            if not wanted:
-                break
-    return out
-
-
 def _write_splits(offsets: Path, labels: np.ndarray, out: Path) -> dict[str, dict[str, Any]]:
-    """Write ``{split}.npy`` (sorted record numbers; label -1 = dropped) and each split's statistics,
-    reading the record lengths from `offsets` chunk by chunk."""
+    """Write ``{split}.npy`` (sorted record numbers; label -1 = dropped; not yet flushed to disk) and
+    each split's statistics, reading the record lengths from `offsets` chunk by chunk."""
     edges = HIST_MAX // HIST_BIN
     writers = [_NpyWriter(out / f"{name}.npy", int(np.count_nonzero(labels == code))) for code, name in
                enumerate(SPLITS)]  # fmt: skip
@@ -366,7 +368,7 @@ def _write_splits(offsets: Path, labels: np.ndarray, out: Path) -> dict[str, dic
         a += len(lengths)
     result = {}
     for code, name in enumerate(SPLITS):
-        writers[code].close()
+        writers[code].close(sync=False)  # the caller flushes them
         count = writers[code].count
         result[name] = {
             "sequences": count,

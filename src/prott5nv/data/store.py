@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from ..errors import StoreError
+from ..fsutil import sync_in_background
 
 __all__ = ["SequenceStore", "StoreError", "StoreWriter", "load_manifest"]
 
@@ -87,11 +88,13 @@ class _NpyWriter:
         self._fh.write(np.ascontiguousarray(values, dtype=np.int64).tobytes())
         self.written += len(values)
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Finish the file; `sync`: flush it to disk now (else the caller does, e.g. in the background)."""
         if self.written != self.count:
             raise AssertionError(f"{self.path}: wrote {self.written} of {self.count} values")
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if sync:
+            os.fsync(self._fh.fileno())
         self._fh.close()
 
 
@@ -120,7 +123,7 @@ def _write_offsets(lengths: _Int64Spool, path: Path) -> int:
         offsets = np.cumsum(part + 1) + total
         out.write(offsets)
         total = int(offsets[-1])
-    out.close()
+    out.close(sync=False)
     return total - lengths.count
 
 
@@ -204,7 +207,8 @@ class StoreWriter:
         self._id_lengths.append(id_lengths)
 
     def close(self) -> tuple[int, int]:
-        """Finish the files; returns (sequences, residues)."""
+        """Finish the files; returns (sequences, residues). They are then flushed to disk in the
+        background: call :attr:`synced` before declaring the store complete."""
         self._writer.close()
         self._res.close()
         self._ids.close()
@@ -213,9 +217,8 @@ class StoreWriter:
         _write_offsets(self._id_lengths, self.dir / "id_offsets.npy")
         for tmp in ("lengths.tmp", "id_lengths.tmp"):
             (self.dir / tmp).unlink()
-        for name in ("residues.bin", "ids.bin"):
-            with open(self.dir / name, "rb+") as fh:
-                os.fsync(fh.fileno())
+        self.synced = sync_in_background([self.dir / name for name in ("residues.bin", "ids.bin", "offsets.npy",
+                                                                       "id_offsets.npy")])  # fmt: skip
         return count, residues
 
 
