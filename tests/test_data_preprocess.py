@@ -246,15 +246,17 @@ def test_small_units_and_flushes_give_the_same_store(built, inputs, tmp_path, mo
         assert np.array_equal(np.load(tmp_path / "small" / f"{split}.npy"), np.load(data / f"{split}.npy"))
 
 
-def test_hash_partitions_confirm_matches_on_the_bytes(swissprot_2k, naive_fasta, tmp_path) -> None:
-    """Duplicates found one partition at a time equal a plain first-occurrence pass, even when distinct
-    sequences are given the same hash (the bytes decide)."""
+@pytest.mark.parametrize("flush", [97, 1 << 22])
+def test_hash_partitions_confirm_matches_on_the_bytes(swissprot_2k, naive_fasta, tmp_path, flush) -> None:
+    """Duplicates found one partition at a time (spilled to disk) or all at once (in memory) equal a
+    plain first-occurrence pass, even when distinct sequences are given the same hash (the bytes
+    decide)."""
     seqs = [s for _, s, _ in naive_fasta(swissprot_2k)[:300]]
     seqs = seqs + seqs[::7] + seqs[:40:3]  # exact copies, some twice
     colliding = set(seqs[:300:5])  # distinct sequences given one hash
     hashes = np.array([hash(seqs[0]) if s in colliding else hash(s) for s in seqs], np.int64)
     parts = pp._HashPartitions(tmp_path, "h")
-    parts._FLUSH = 97
+    parts._FLUSH = flush
     for a in range(0, len(seqs), 50):
         parts.append(hashes[a : a + 50], np.arange(a, min(a + 50, len(seqs))))
     keep = np.ones(len(seqs), bool)

@@ -80,13 +80,20 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         i = nl - b;
         span[2 * n + 1] = i;
         /* the body: lines up to the next line that starts with '>' (or the end of the unit) */
-        Py_ssize_t o0 = o, stop = -1; /* stop: where the '*' was, in the output */
+        Py_ssize_t o0 = o, stop = -1, width = 0; /* stop: where the '*' was, in the output */
         while (i < size) { /* b[i] == '\n' */
             line++;
             if (++i >= size || b[i] == '>') break;
+            /* most lines are as wide as the one before: try that before searching for the newline */
+            if (width && i + width < size && b[i + width] == '\n' && !letters(b + i, out + o, width)) {
+                o += width;
+                i += width;
+                continue;
+            }
             const unsigned char *end = memchr(b + i, '\n', (size_t)(size - i));
             Py_ssize_t e = end - b;
             if (!letters(b + i, out + o, e - i)) { /* the common case */
+                width = e - i;
                 o += e - i;
                 i = e;
                 continue;

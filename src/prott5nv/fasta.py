@@ -22,7 +22,9 @@ import os
 import queue
 import re
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from pathlib import Path
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 8 << 20
+_SCAN_THREADS = 2  # units parsed at once by the C accelerator
 _WHITESPACE = b" \t\r\n\v\f"
 _UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Parsing joins the record bodies with '>' (cannot occur inside a valid body), then one translate deletes
@@ -257,13 +260,27 @@ def _scan(buf: bytearray) -> _Unit:
     return _Unit(buf, nl, np.flatnonzero(a[nl[:-1] + 1] == _GT), int(np.count_nonzero(a == _GT)))
 
 
-def _read_units(fh: io.IOBase, index: bool) -> Iterator[_Unit]:
+def _buffer(size: int, spare: queue.SimpleQueue | None) -> bytearray:
+    """A bytearray of `size` bytes: a spare one (a consumed unit's) when there is one -- its memory is
+    already mapped, where a fresh one costs page faults -- else a new one."""
+    try:
+        buf = spare.get_nowait() if spare is not None else bytearray(size)
+    except queue.Empty:
+        return bytearray(size)
+    if len(buf) < size:
+        buf += bytes(size - len(buf))
+    else:
+        del buf[size:]
+    return buf
+
+
+def _read_units(fh: io.IOBase, index: bool, spare: queue.SimpleQueue | None = None) -> Iterator[_Unit]:
     """Split the file into units of whole records (see :class:`_Unit`), each ending before the last
-    header of a chunk; `index`: scan each unit for the numpy path. A record longer than a chunk makes the
-    next read larger (no quadratic copying)."""
+    header of a chunk; `index`: scan each unit for the numpy path; `spare`: consumed units' buffers to
+    reuse. A record longer than a chunk makes the next read larger (no quadratic copying)."""
     carry = bytearray(b"\n")
     while True:
-        buf = bytearray(len(carry) + max(_CHUNK, len(carry)))
+        buf = _buffer(len(carry) + max(_CHUNK, len(carry)), spare)
         buf[: len(carry)] = carry
         with memoryview(buf) as view:
             got = _fill(fh, view[len(carry) :])
@@ -387,9 +404,12 @@ class FastaReader:
         base = 1  # line number of the first line after the unit's leading newline
         with fh:
             try:
-                for unit in _prefetch(_read_units(fh, index=_fastscan is None)):
+                # the C path leaves a unit's buffer unreferenced once parsed: the reader reuses it
+                spare: queue.SimpleQueue | None = queue.SimpleQueue() if _fastscan is not None else None
+                units = _prefetch(_read_units(fh, index=_fastscan is None, spare=spare))
+                for unit, scanned in self._scan_ahead(units) if _fastscan is not None else zip(units, repeat(None)):
                     if _fastscan is not None:
-                        parsed = self._parse_c(unit.buf, base, seen, describe)
+                        parsed = self._parse_c(unit.buf, scanned, base, seen, describe)
                     else:
                         parsed = self._parse_fast(unit, base, seen, describe)
                     if parsed is None:
@@ -401,19 +421,39 @@ class FastaReader:
                     base += newlines
                     if len(block):
                         yield block
+                    if spare is not None:
+                        spare.put(unit.buf)
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
                 raise FastaFormatError(f"{name}:{base}: cannot read: {exc}") from None
         if self.records == 0 and self.skipped == 0:
             raise FastaFormatError(f"{name}: no FASTA records found")
 
     # ------------------------------------------------------------------ unit parsing
+    def _scan_ahead(self, units: Iterator[_Unit]) -> Iterator[tuple[_Unit, tuple | None]]:
+        """Each unit with its ``_fastscan.scan`` result, in order; the scans (GIL released) run in
+        :data:`_SCAN_THREADS` threads, a few units ahead. Line numbers come out relative to the unit."""
+        table, longest = _scan_table(self.policy), self.max_length if self.max_length is not None else -1
+
+        def scan(buf: bytearray) -> tuple | None:
+            return _fastscan.scan(buf, len(buf), table, 0, self.min_length, longest if longest >= 0 else len(buf))
+
+        with ThreadPoolExecutor(_SCAN_THREADS, thread_name_prefix="fasta-scan") as pool:
+            ahead: deque = deque()
+            for unit in units:
+                ahead.append((unit, pool.submit(scan, unit.buf)))
+                if len(ahead) > _SCAN_THREADS:
+                    first, future = ahead.popleft()
+                    yield first, future.result()
+            while ahead:
+                first, future = ahead.popleft()
+                yield first, future.result()
+
     def _parse_c(
-        self, buf: bytearray, base: int, seen: set[bytes], describe: bool
+        self, buf: bytearray, got: tuple | None, base: int, seen: set[bytes], describe: bool
     ) -> tuple[FastaBlock, int] | None:
-        """Parse a unit with the C accelerator (one pass, GIL released; see ``_fastscan.c``); returns the
-        block and the unit's newline count, or None for the careful path (as :meth:`_parse_fast`)."""
-        longest = self.max_length if self.max_length is not None else len(buf)
-        got = _fastscan.scan(buf, len(buf), _scan_table(self.policy), base, self.min_length, longest)
+        """Finish a unit scanned by the C accelerator (one pass, GIL released; see ``_fastscan.c``);
+        returns the block and the unit's newline count, or None for the careful path (as
+        :meth:`_parse_fast`)."""
         if got is None:
             return None
         packed, lengths, id_packed, id_lengths, lines, spans, newlines, too_short, too_long = got
@@ -436,7 +476,7 @@ class FastaReader:
             lengths=lengths,
             id_packed=id_packed,
             id_lengths=np.frombuffer(id_lengths, np.int64),
-            lines=np.frombuffer(lines, np.int64),
+            lines=np.frombuffer(lines, np.int64) + base,
             descriptions=descriptions,
         )
         return block, newlines

@@ -4,11 +4,12 @@ One streaming parse writes every record that passes the length filter, in file o
 ``sequences/`` (see :mod:`prott5nv.data.store`); the duplicate checks and the random split then work on
 per-record values, and each split is written as the sorted record numbers it owns -- no residue is
 copied twice. Memory is bounded whatever the input size: a few blocks of 8 MiB; per-record values
-(lengths, 64-bit hashes of ids and -- with `dedup` -- of sequences, with record numbers) are spooled to
-disk, the hashes in 64 partitions by their top bits, so finding equal hashes holds one partition (1/64 of
-the records, 16 bytes each, plus its sort order) at a time; what stays in memory for the whole run is
-2 bytes per record (a keep flag and a split label): about 100 MB for 50M records. Hash matches are
-confirmed on the stored bytes, so de-duplication is exact; records dropped as duplicates stay in
+(lengths, header lines, 64-bit hashes of ids and -- with `dedup` -- of sequences, with record numbers)
+are spooled to disk, the hashes (beyond the first 4M, kept in memory) in 64 partitions by their top
+bits, so finding equal hashes holds one partition (1/64 of the records, 16 bytes each, plus its sort
+order) at a time; what stays in memory for the whole run is 2 bytes per record (a keep flag and a
+split label): about 100 MB for 50M records. Hash matches are confirmed on the stored bytes, so
+de-duplication is exact; records dropped as duplicates stay in
 ``sequences/`` unreferenced.
 
 Everything is built in a hidden sibling directory and renamed into place at the end
@@ -24,9 +25,8 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,18 +116,18 @@ def _later_duplicates(digests: np.ndarray, same: Callable[[int, int], bool]) -> 
 
 
 class _HashPartitions:
-    """(64-bit hash, record number) pairs spooled to disk in 64 files by the top bits of the hash: equal
-    hashes share a file, so duplicates are found one file -- 1/64 of the records -- at a time."""
+    """(64-bit hash, record number) pairs, held in memory up to :attr:`_FLUSH` of them (64 MB) and beyond
+    that spooled to disk in 64 files by the top bits of the hash: equal hashes share a file, so
+    duplicates are found one file -- 1/64 of the records -- at a time."""
 
-    _FLUSH = 1 << 20  # pairs gathered in memory before they are distributed to the files
+    _FLUSH = 1 << 22  # pairs gathered in memory before they are distributed to the files
 
     def __init__(self, directory: Path, name: str):
         self.paths = [directory / f"{name}.{i:02d}" for i in range(64)]
-        for path in self.paths:
-            path.touch()
         self._hashes: list[np.ndarray] = []
         self._records: list[np.ndarray] = []
         self._pending = 0
+        self._spilled = False
 
     def append(self, hashes: np.ndarray, records: np.ndarray) -> None:
         self._hashes.append(hashes)
@@ -136,11 +136,18 @@ class _HashPartitions:
         if self._pending >= self._FLUSH:
             self._flush()
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        hashes, records = np.concatenate(self._hashes), np.concatenate(self._records)
+    def _take(self) -> tuple[np.ndarray, np.ndarray]:
+        hashes, records = np.concatenate(self._hashes or [np.empty(0, np.int64)]), np.concatenate(
+            self._records or [np.empty(0, np.int64)])  # fmt: skip
         self._hashes, self._records, self._pending = [], [], 0
+        return hashes, records
+
+    def _flush(self) -> None:
+        if not self._spilled:
+            for path in self.paths:
+                path.touch()
+            self._spilled = True
+        hashes, records = self._take()
         part = (hashes.view(np.uint64) >> np.uint64(58)).astype(np.uint8)
         order = np.argsort(part, kind="stable")  # a radix sort for uint8; file order kept in a partition
         pairs = np.stack([hashes[order], records[order]], axis=1)
@@ -149,53 +156,35 @@ class _HashPartitions:
             with open(self.paths[i], "ab") as fh:
                 fh.write(pairs[bounds[i] : bounds[i + 1]].tobytes())
 
+    def _groups(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(hashes, records) groups that hold every pair of equal hashes: all pairs at once while
+        they are in memory, else one partition file at a time (each removed once read)."""
+        if not self._spilled:
+            yield self._take()
+            return
+        self._flush()
+        for path in self.paths:
+            data = np.fromfile(path, np.int64).reshape(-1, 2)
+            path.unlink()
+            yield data[:, 0], data[:, 1]
+
     def duplicates(
         self, same: Callable[[int, int], bool], keep: np.ndarray, shown: int
     ) -> tuple[int, list[tuple[int, int]]]:
         """Mark each later copy (a record whose hash matches an earlier kept record's and `same`
         confirms it) False in `keep`. Returns their count and the `shown` (first, later) pairs with the
         smallest `later`."""
-        self._flush()
         count, pairs = 0, []
-        for path in self.paths:
-            data = np.fromfile(path, np.int64).reshape(-1, 2)
-            path.unlink()
-            data = data[keep[data[:, 1]]]
-            records = data[:, 1]
-            found = _later_duplicates(data[:, 0], lambda i, j, r=records: same(int(r[i]), int(r[j])))
+        for hashes, records in self._groups():
+            kept = keep[records]
+            hashes, records = hashes[kept], records[kept]
+            found = _later_duplicates(hashes, lambda i, j, r=records: same(int(r[i]), int(r[j])))
             count += len(found)
             keep[records[[later for _, later in found]]] = False
             pairs = heapq.nsmallest(
                 shown, pairs + [(int(records[f]), int(records[g])) for f, g in found[:shown]], key=lambda p: p[1]
             )
         return count, pairs
-
-
-def _checksum_in_background(path: Path) -> Callable[[], str]:
-    """Start the SHA-256 of a file in a thread of its own (hashing and file reads release the GIL, so it
-    runs beside the parse on another core); returns a function that waits for the hex digest."""
-    result: list[str | BaseException] = []
-
-    def work() -> None:
-        try:
-            digest, buf = hashlib.sha256(), bytearray(1 << 20)
-            with open(path, "rb", buffering=0) as fh, memoryview(buf) as view:
-                while n := fh.readinto(buf):
-                    digest.update(view[:n])
-            result.append(digest.hexdigest())
-        except BaseException as exc:  # re-raised by the waiter
-            result.append(exc)
-
-    thread = threading.Thread(target=work, name="sha256", daemon=True)
-    thread.start()
-
-    def wait() -> str:
-        thread.join()
-        if isinstance(result[0], BaseException):
-            raise result[0]
-        return result[0]
-
-    return wait
 
 
 def _true_positions(mask: np.ndarray, ranks: np.ndarray) -> np.ndarray:
@@ -259,10 +248,15 @@ def _build(
     stored = 0
     with StoreWriter(tmp / SEQUENCES) as scratch:
         for path in paths:
-            digest = _checksum_in_background(path)
+            sha = hashlib.sha256()
+
+            def on_read(chunk: memoryview, sha=sha) -> None:  # in the read-ahead thread
+                sha.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+
             reader = FastaReader(path, cfg.policy, skip_invalid=cfg.skip_invalid, check_duplicates=False,
-                                 on_read=(lambda chunk: progress(len(chunk))) if progress else None,
-                                 min_length=cfg.min_length, max_length=cfg.max_length)  # fmt: skip
+                                 on_read=on_read, min_length=cfg.min_length, max_length=cfg.max_length)  # fmt: skip
             for block in reader.blocks():
                 scratch.add(block.packed, block.lengths, block.id_packed, block.id_lengths)
                 lines.append(block.lines)
@@ -278,7 +272,7 @@ def _build(
             counts["invalid"] += reader.skipped
             skipped_messages += reader.skipped_messages[: 100 - len(skipped_messages)]
             sources.append(
-                {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest(),
+                {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha.hexdigest(),
                  "records": reader.records + reader.skipped, "invalid": reader.skipped}
             )  # fmt: skip
         n_all, _ = scratch.close()

@@ -36,7 +36,7 @@ FORMAT = "prott5nv-sequence-store"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SEQUENCES = "sequences"  # the directory holding every stored record; splits index into it
-_BLOCK = 1 << 20  # entries per chunk when converting lengths to offsets
+_BLOCK = 1 << 20  # entries per chunk when reading an index back
 
 
 def _memmap(path: Path) -> np.ndarray:
@@ -64,13 +64,6 @@ class _Int64Spool:
         if self.count == 0:
             return np.empty(0, np.int64)
         return np.memmap(self.path, dtype=np.int64, mode="r")
-
-    def chunks(self, size: int = _BLOCK) -> Iterator[np.ndarray]:
-        """The values, `size` at a time, read (not mapped: the resident set stays one chunk)."""
-        self._fh.close()
-        with open(self.path, "rb") as fh:
-            while len(part := np.fromfile(fh, np.int64, size)):
-                yield part
 
 
 class _NpyWriter:
@@ -113,18 +106,33 @@ def read_npy_chunks(path: Path, size: int = _BLOCK) -> Iterator[np.ndarray]:
             yield part
 
 
-def _write_offsets(lengths: _Int64Spool, path: Path) -> int:
-    """``offsets.npy`` from item lengths (each item is followed by one separator byte), chunk by chunk;
-    returns the total of the lengths."""
-    out = _NpyWriter(path, lengths.count + 1)
-    out.write(np.zeros(1, np.int64))
-    total = 0
-    for part in lengths.chunks():
-        offsets = np.cumsum(part + 1) + total
-        out.write(offsets)
-        total = int(offsets[-1])
-    out.close(sync=False)
-    return total - lengths.count
+class _OffsetsWriter:
+    """Write ``offsets.npy`` (int64, ``n + 1`` entries) from item lengths as they come (each item is
+    followed by one separator byte): the values go after a header of fixed size, which is written last,
+    once the count is known."""
+
+    _HEADER = 128  # a version 1.0 header padded with spaces, as the format allows (a multiple of 64)
+
+    def __init__(self, path: Path):
+        self.path, self.count, self.end = path, 0, 0
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._fh.write(bytes(self._HEADER) + np.zeros(1, np.int64).tobytes())
+
+    def add(self, lengths: np.ndarray) -> None:
+        if len(lengths):
+            offsets = np.cumsum(lengths + 1) + self.end
+            self._fh.write(offsets.tobytes())
+            self.count += len(lengths)
+            self.end = int(offsets[-1])
+
+    def close(self) -> None:
+        header = {"descr": "<i8", "fortran_order": False, "shape": (self.count + 1,)}
+        text = repr(header).encode("latin1")
+        text += b" " * (self._HEADER - 10 - len(text) - 1) + b"\n"
+        self._fh.seek(0)
+        self._fh.write(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text)
+        self._fh.close()
+
 
 
 class _BackgroundWriter:
@@ -141,14 +149,11 @@ class _BackgroundWriter:
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    if isinstance(item[1], list):
-                        item[0].writelines(item[1])
-                    else:
-                        item[0].write(item[1])
+                    item[0].write(item[1])
                 except BaseException as exc:  # raised in the caller's thread
                     self._error = exc
 
-    def write(self, fh: IO[bytes], data: bytes | bytearray | list[memoryview]) -> None:
+    def write(self, fh: IO[bytes], data: bytes | bytearray) -> None:
         self._raise()
         self._queue.put((fh, data))
 
@@ -173,8 +178,8 @@ class StoreWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._res = open(self.dir / "residues.bin", "wb", buffering=1 << 22)  # noqa: SIM115
         self._ids = open(self.dir / "ids.bin", "wb", buffering=1 << 20)  # noqa: SIM115
-        self._lengths = _Int64Spool(self.dir / "lengths.tmp")
-        self._id_lengths = _Int64Spool(self.dir / "id_lengths.tmp")
+        self._offsets = _OffsetsWriter(self.dir / "offsets.npy")
+        self._id_offsets = _OffsetsWriter(self.dir / "id_offsets.npy")
         self._writer = _BackgroundWriter()
 
     def __enter__(self) -> StoreWriter:
@@ -186,25 +191,25 @@ class StoreWriter:
                 self._writer.close()
             except BaseException:  # noqa: S110 - the error that brought us here is the one to report
                 pass
-            for fh in (self._res, self._ids, self._lengths._fh, self._id_lengths._fh):
+            for fh in (self._res, self._ids, self._offsets._fh, self._id_offsets._fh):
                 fh.close()
 
     def add(
         self,
-        packed: bytes | bytearray | list[memoryview],
+        packed: bytes | bytearray,
         lengths: np.ndarray,
-        id_packed: bytes | list[memoryview],
+        id_packed: bytes,
         id_lengths: np.ndarray,
     ) -> None:
-        """Append records: their cleaned residues and their ids, each item followed by ``b"\\n"`` (as
-        bytes or as pieces), and the item lengths (what :class:`~prott5nv.fasta.FastaBlock` holds). The
+        """Append records: their cleaned residues and their ids, each item followed by ``b"\\n"``, and
+        the item lengths (what :class:`~prott5nv.fasta.FastaBlock` holds). The
         buffers are written later by a thread: do not change them."""
         if not len(lengths):
             return
         self._writer.write(self._res, packed)
         self._writer.write(self._ids, id_packed)
-        self._lengths.append(lengths)
-        self._id_lengths.append(id_lengths)
+        self._offsets.add(lengths)
+        self._id_offsets.add(id_lengths)
 
     def close(self) -> tuple[int, int]:
         """Finish the files; returns (sequences, residues). They are then flushed to disk in the
@@ -212,11 +217,9 @@ class StoreWriter:
         self._writer.close()
         self._res.close()
         self._ids.close()
-        count = self._lengths.count
-        residues = _write_offsets(self._lengths, self.dir / "offsets.npy")
-        _write_offsets(self._id_lengths, self.dir / "id_offsets.npy")
-        for tmp in ("lengths.tmp", "id_lengths.tmp"):
-            (self.dir / tmp).unlink()
+        self._offsets.close()
+        self._id_offsets.close()
+        count, residues = self._offsets.count, self._offsets.end - self._offsets.count
         self.synced = sync_in_background([self.dir / name for name in ("residues.bin", "ids.bin", "offsets.npy",
                                                                        "id_offsets.npy")])  # fmt: skip
         return count, residues
