@@ -256,7 +256,7 @@ def test_hash_partitions_confirm_matches_on_the_bytes(swissprot_2k, naive_fasta,
     colliding = set(seqs[:300:5])  # distinct sequences given one hash
     hashes = np.array([hash(seqs[0]) if s in colliding else hash(s) for s in seqs], np.int64)
     parts = pp._HashPartitions(tmp_path, "h")
-    parts._FLUSH = flush
+    parts._FLUSH, parts._BATCH = flush, 41  # spilled: in batches of about 41 pairs
     for a in range(0, len(seqs), 50):
         parts.append(hashes[a : a + 50], np.arange(a, min(a + 50, len(seqs))))
     keep = np.ones(len(seqs), bool)

@@ -120,7 +120,8 @@ class _HashPartitions:
     that spooled to disk in 64 files by the top bits of the hash: equal hashes share a file, so
     duplicates are found one file -- 1/64 of the records -- at a time."""
 
-    _FLUSH = 1 << 22  # pairs gathered in memory before they are distributed to the files
+    _FLUSH = 1 << 22  # pairs held in memory before the first spill to the files
+    _BATCH = 1 << 20  # pairs distributed to the files at a time (bounds the sort's memory)
 
     def __init__(self, directory: Path, name: str):
         self.paths = [directory / f"{name}.{i:02d}" for i in range(64)]
@@ -133,13 +134,19 @@ class _HashPartitions:
         self._hashes.append(hashes)
         self._records.append(records)
         self._pending += len(hashes)
-        if self._pending >= self._FLUSH:
+        if self._pending >= (self._BATCH if self._spilled else self._FLUSH):
             self._flush()
 
-    def _take(self) -> tuple[np.ndarray, np.ndarray]:
-        hashes, records = np.concatenate(self._hashes or [np.empty(0, np.int64)]), np.concatenate(
-            self._records or [np.empty(0, np.int64)])  # fmt: skip
-        self._hashes, self._records, self._pending = [], [], 0
+    def _take(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenate the pending arrays (the first ones holding about `limit` pairs, when given)."""
+        n, total = 0, 0
+        while n < len(self._hashes) and (limit is None or total < limit):
+            total += len(self._hashes[n])
+            n += 1
+        hashes = np.concatenate([np.empty(0, np.int64), *self._hashes[:n]])
+        records = np.concatenate([np.empty(0, np.int64), *self._records[:n]])
+        del self._hashes[:n], self._records[:n]
+        self._pending -= total
         return hashes, records
 
     def _flush(self) -> None:
@@ -147,7 +154,10 @@ class _HashPartitions:
             for path in self.paths:
                 path.touch()
             self._spilled = True
-        hashes, records = self._take()
+        while self._pending:
+            self._spill(*self._take(self._BATCH))
+
+    def _spill(self, hashes: np.ndarray, records: np.ndarray) -> None:
         part = (hashes.view(np.uint64) >> np.uint64(58)).astype(np.uint8)
         order = np.argsort(part, kind="stable")  # a radix sort for uint8; file order kept in a partition
         pairs = np.stack([hashes[order], records[order]], axis=1)
