@@ -4,8 +4,11 @@ and error case through both)."""
 
 from __future__ import annotations
 
+import gzip
 import random
 from pathlib import Path
+
+import pytest
 
 from prott5nv import fasta
 from prott5nv.errors import FastaFormatError, InvalidSequenceError
@@ -13,8 +16,8 @@ from prott5nv.fasta import FastaReader
 from prott5nv.sequence import SequencePolicy
 
 
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
     return path
 
 
@@ -52,3 +55,23 @@ def test_c_and_numpy_paths_agree_on_mutated_files(real_proteins, tmp_path: Path,
         monkeypatch.undo()
         outcomes["error" if with_c[0] == "error" else "skipped" if with_c[1] else "clean"] += 1
     assert min(outcomes.values()) >= 5, outcomes  # the damage reaches every outcome
+
+
+@pytest.mark.parametrize("inflate", ["isal", "zlib"])
+def test_gzip_with_either_inflater(swissprot_2k: Path, tmp_path: Path, monkeypatch, inflate: str) -> None:
+    """gzip input reads the same through ISA-L (the `isal` extra, installed with the test extras) and
+    through the standard library; truncated or damaged data is a clear error naming the file."""
+    if inflate == "zlib":
+        monkeypatch.setattr(fasta, "_igzip", None)
+    else:
+        from isal import igzip  # noqa: F401 - the test extras install it: fail if they did not
+
+    raw = swissprot_2k.read_bytes()
+    packed = gzip.compress(raw)
+    plain = [(r.id, r.sequence, r.line) for r in fasta.read_fasta(swissprot_2k)]
+    assert [(r.id, r.sequence, r.line) for r in fasta.read_fasta(write(tmp_path / "a.gz", packed))] == plain
+    damaged = bytearray(packed)
+    damaged[len(packed) // 2 : len(packed) // 2 + 64] = bytes(64)
+    for name, data in (("truncated.gz", packed[: len(packed) // 2]), ("damaged.gz", bytes(damaged))):
+        with pytest.raises(FastaFormatError, match=rf"{name}:\d+: cannot read"):
+            list(fasta.read_fasta(write(tmp_path / name, data)))

@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,11 @@ try:  # the optional C accelerator (setup.py); without it the numpy path parses
     from . import _fastscan
 except ImportError:  # pragma: no cover - depends on the build
     _fastscan = None
+try:  # ISA-L's inflate, about 2.5x zlib's (the optional extra `prott5nv[isal]`)
+    from isal import igzip as _igzip
+    from isal.isal_zlib import error as _IsalError
+except ImportError:  # pragma: no cover - depends on the install
+    _igzip, _IsalError = None, zlib.error
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +227,8 @@ def open_maybe_gzip(
     head = f.peek(2)[:2]
     src: io.IOBase = f if on_read is None else _Tap(f, on_read)
     if head == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[return-value]
+        opener = _igzip.IGzipFile if _igzip is not None else gzip.GzipFile
+        return opener(fileobj=src, mode="rb")  # type: ignore[return-value]
     return src  # type: ignore[return-value]
 
 
@@ -423,7 +430,7 @@ class FastaReader:
                         yield block
                     if spare is not None:
                         spare.put(unit.buf)
-            except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            except (OSError, EOFError, zlib.error, _IsalError) as exc:  # truncated or damaged gzip data
                 raise FastaFormatError(f"{name}:{base}: cannot read: {exc}") from None
         if self.records == 0 and self.skipped == 0:
             raise FastaFormatError(f"{name}: no FASTA records found")
