@@ -232,3 +232,38 @@ def test_bf16_inference_relu_by_sign_bit_equals_relu():
     expected = mlp.wo(torch.relu(mlp.wi(x)))  # grad enabled: the ordinary path
     assert torch.equal(fast, expected.detach())
     assert model.encoder.relative_bias(5, 9).is_contiguous()
+
+
+@pytest.mark.parametrize("family", ["megatron", "t5"])
+def test_training_forward_skips_padding_with_the_same_result(family, real_proteins, tiny_model, monkeypatch):
+    """Training forwards run the token-wise layers on real tokens only (Packing): the logits at real
+    positions and every parameter gradient of a masked loss equal those of the padded computation."""
+    from prott5nv.data.masking import T5Masker, collate_t5
+    from prott5nv.model import t5
+
+    cfg = preset("tiny") if family == "megatron" else preset("tiny").replace(family="t5", activation="gated-gelu")
+    torch.manual_seed(0)
+    model = T5Model(cfg.replace(dropout_rate=0.0, attention_dropout_rate=0.0)).train()
+    tok = tiny_model.tokenizer
+    masker = T5Masker(tok, seq_length=cfg.seq_length, seq_length_dec=cfg.seq_length, seed=0)
+    batch = collate_t5([masker(tok.encode_residues(s, rid), i) for i, (rid, s) in enumerate(real_proteins)],
+                       tok.pad_id)  # fmt: skip
+    assert not batch["enc_mask"].all() and not batch["dec_mask"].all()  # there is padding to skip
+
+    def run(pack: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(t5.Stack, "pack_tokens", pack)
+        model.zero_grad()
+        calls = []
+        monkeypatch.setattr(t5, "Packing", lambda m, cls=t5.Packing: calls.append(1) or cls(m))
+        logits = model(batch["text_enc"], batch["enc_mask"], batch["text_dec"], batch["dec_mask"])
+        assert bool(calls) == pack  # both stacks packed, or neither
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        (loss * batch["loss_mask"].flatten()).sum().backward()
+        real = batch["dec_mask"].bool()
+        return logits[real], [p.grad.clone() for p in model.parameters()]
+
+    packed_logits, packed_grads = run(True)
+    padded_logits, padded_grads = run(False)
+    torch.testing.assert_close(packed_logits, padded_logits, atol=2e-5, rtol=1e-5)
+    for a, b in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

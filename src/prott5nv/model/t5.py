@@ -132,6 +132,34 @@ def mask_to_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     )
 
 
+class Packing:
+    """Where the real tokens of a padded ``[B, S]`` batch are. In training, the token-wise layers (norms,
+    projections, MLP, dropout, residuals: almost all of the arithmetic) run on the ``[T, C]`` rows of real
+    tokens only; attention pads its projections back to ``[B, S, ...]`` and masks as usual. Batches are
+    padded to their longest protein, so this saves the padding's share of the compute (about a fifth on
+    Swiss-Prot batches cut to 256 residues, more at 512) and gives the same result."""
+
+    def __init__(self, key_mask: Tensor) -> None:
+        self.shape = key_mask.shape
+        self.index = key_mask.flatten().nonzero().squeeze(1)
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """``[B, S, C]`` -> ``[T, C]``."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x: Tensor) -> Tensor:
+        """``[T, C]`` -> ``[B, S, C]``, zeros at the padding."""
+        out = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(*self.shape, x.shape[-1])
+
+
+def packing_for(key_mask: Tensor | None) -> Packing | None:
+    """A :class:`Packing` for a training forward over a padded batch, else None."""
+    if key_mask is None or not torch.is_grad_enabled() or not Stack.pack_tokens or bool(key_mask.all()):
+        return None
+    return Packing(key_mask.bool())
+
+
 # ----------------------------------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
     """T5's LayerNorm: no mean subtraction, no bias, variance in fp32."""
@@ -326,24 +354,31 @@ class Attention(nn.Module):
         mask: Tensor | None,
         memory: Tensor | None = None,
         cache: LayerCache | None = None,
+        packing: Packing | None = None,
+        memory_packing: Packing | None = None,
     ) -> Tensor:
+        """`x` is ``[B, S, d_model]``, or with `packing` the ``[T, d_model]`` real tokens (and `memory`
+        likewise with `memory_packing`)."""
+        pad = packing.pad if packing is not None else (lambda t: t)
         if self.cross:
-            (q,) = self._heads(self.q(x), 1)
+            (q,) = self._heads(pad(self.q(x)), 1)
             if cache is not None and cache.cross is not None:
                 k, v = cache.cross
             else:
-                k, v = self._heads(self.kv(memory), 2)
+                kv = self.kv(memory)
+                k, v = self._heads(memory_packing.pad(kv) if memory_packing is not None else kv, 2)
                 if cache is not None:
                     k, v = cache.set_cross(k, v)
             if q.shape[0] != k.shape[0]:  # consecutive query rows (beams, samples) share one encoder input
                 out = self._grouped(q, k, v, mask, cache is not None)
                 return self.o(out.transpose(1, 2).flatten(2))
         else:
-            q, k, v = self._heads(self.qkv(x), 3)
+            q, k, v = self._heads(pad(self.qkv(x)), 3)
             if cache is not None:
                 k, v = cache.append(k, v)
         out = attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0, few=cache is not None)
-        return self.o(out.transpose(1, 2).flatten(2))
+        out = out.transpose(1, 2).flatten(2)
+        return self.o(packing.unpad(out) if packing is not None else out)
 
     def _grouped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, few: bool) -> Tensor:
         """Cross-attention of ``[B*g, H, S, D]`` queries to ``[B, H, S_enc, D]`` keys/values: each input's
@@ -417,17 +452,21 @@ class Block(nn.Module):
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
         cache: LayerCache | None = None,
+        packing: Packing | None = None,
+        memory_packing: Packing | None = None,
     ) -> Tensor:
-        x = x + self.dropout(self.self_attention(self.self_attn_norm(x), mask, cache=cache))
+        x = x + self.dropout(self.self_attention(self.self_attn_norm(x), mask, cache=cache, packing=packing))
         if memory is not None:
-            x = x + self.dropout(
-                self.cross_attention(self.cross_attn_norm(x), memory_mask, memory=memory, cache=cache)
-            )
+            cross = self.cross_attention(self.cross_attn_norm(x), memory_mask, memory=memory, cache=cache,
+                                         packing=packing, memory_packing=memory_packing)  # fmt: skip
+            x = x + self.dropout(cross)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class Stack(nn.Module):
     """The encoder or decoder: blocks plus a final norm (and, for `t5`, the shared relative bias)."""
+
+    pack_tokens = True  # training forwards skip the padding (see Packing); False: compute it as well
 
     def __init__(self, cfg: T5Config, num_layers: int, is_decoder: bool) -> None:
         super().__init__()
@@ -456,10 +495,18 @@ class Stack(nn.Module):
             add = mask_to_bias(mask, x.dtype)
             mask = bias if add is None else bias + add
         cross = attention_mask(memory_mask, q_len, memory.shape[1]) if memory is not None else None
+        packing = packing_for(key_mask) if cache is None else None
+        memory_packing = None
+        if packing is not None:
+            x = packing.unpad(x)
+            memory_packing = packing_for(memory_mask) if memory is not None else None
+            if memory_packing is not None:
+                memory = memory_packing.unpad(memory)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, memory, cross, cache[i] if cache is not None else None)
-        return self.dropout(self.final_layer_norm(x))
+            x = block(x, mask, memory, cross, cache[i] if cache is not None else None, packing, memory_packing)
+        x = self.dropout(self.final_layer_norm(x))
+        return packing.pad(x) if packing is not None else x
 
 
 # ----------------------------------------------------------------------------------------------- model
