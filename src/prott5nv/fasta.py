@@ -1,12 +1,18 @@
 """Streaming FASTA reading (plain or gzip, detected by content) under the input policy of SPEC.md §8.
 
-The file is read in units of whole records (8 MiB each) by a read-ahead thread, which also finds the
-newlines and header starts with numpy (file reads, gzip inflation, the caller's checksum and numpy scans
-release the GIL, so they overlap with parsing). Each unit is parsed with whole-array operations and no
-per-record Python work: header lines are overwritten in place, one ``translate`` leaves the store's
-``SEQ\\nSEQ\\n`` layout, and one search for NUL checks the alphabet (:meth:`FastaReader._parse_fast`).
-Units holding anything unusual (a bad character, '*', text before the first header, an empty record or
-id, a duplicate) take the careful path instead: a regex split and, for a unit with a problem,
+The file is read in units of whole records (8 MiB each) by a read-ahead thread (file reads, gzip
+inflation -- ISA-L's when installed -- and the caller's checksum release the GIL, so they overlap with
+parsing). Each unit is parsed without per-record Python work:
+
+* by the C accelerator (``_fastscan.c``, built by setup.py where a compiler exists): one pass, GIL
+  released, two units at a time (:meth:`FastaReader._scan_ahead`); it validates, upper-cases, deletes
+  line breaks (and CR, blanks, gaps under the policy, a final '*'), applies the length window and
+  writes the store's ``SEQ\nSEQ\n`` layout; the reader then reuses the unit's buffer;
+* else by numpy (:meth:`FastaReader._parse_fast`): header lines overwritten in place, one ``translate``,
+  one search for NUL to check the alphabet.
+
+Units holding anything these do not handle (a bad character, text before the first header, an empty
+record or id, a duplicate) take the careful path instead: a regex split and, for a unit with a problem,
 record-by-record checking, which produces the error text of :func:`~prott5nv.sequence.clean_sequence`.
 Memory stays at a few units, plus the set of seen ids when duplicate checking is on. Every error names
 the file, the line of the record's header and the record id.
@@ -21,6 +27,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 import zlib
 from collections import deque
@@ -414,9 +421,10 @@ class FastaReader:
                 # the C path leaves a unit's buffer unreferenced once parsed: the reader reuses it
                 spare: queue.SimpleQueue | None = queue.SimpleQueue() if _fastscan is not None else None
                 units = _prefetch(_read_units(fh, index=_fastscan is None, spare=spare))
-                for unit, scanned in self._scan_ahead(units) if _fastscan is not None else zip(units, repeat(None)):
+                scanned = self._scan_ahead(units) if _fastscan is not None else zip(units, repeat(None))
+                for unit, got in scanned:
                     if _fastscan is not None:
-                        parsed = self._parse_c(unit.buf, scanned, base, seen, describe)
+                        parsed = self._parse_c(unit.buf, got, base, seen, describe)
                     else:
                         parsed = self._parse_fast(unit, base, seen, describe)
                     if parsed is None:
@@ -439,10 +447,10 @@ class FastaReader:
     def _scan_ahead(self, units: Iterator[_Unit]) -> Iterator[tuple[_Unit, tuple | None]]:
         """Each unit with its ``_fastscan.scan`` result, in order; the scans (GIL released) run in
         :data:`_SCAN_THREADS` threads, a few units ahead. Line numbers come out relative to the unit."""
-        table, longest = _scan_table(self.policy), self.max_length if self.max_length is not None else -1
+        table, longest = _scan_table(self.policy), self.max_length if self.max_length is not None else sys.maxsize
 
         def scan(buf: bytearray) -> tuple | None:
-            return _fastscan.scan(buf, len(buf), table, 0, self.min_length, longest if longest >= 0 else len(buf))
+            return _fastscan.scan(buf, len(buf), table, 0, self.min_length, longest)
 
         with ThreadPoolExecutor(_SCAN_THREADS, thread_name_prefix="fasta-scan") as pool:
             ahead: deque = deque()
