@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -106,6 +108,51 @@ def test_cache_equals_uncached(tiny_model, hf_pair, prompts, settings, which):
     uncached = run(model, prompts, max_new_tokens=16, use_cache=False, **settings)
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.scores, uncached.scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3, 8])
+@pytest.mark.parametrize("which", ["megatron", "t5"])
+def test_speculative_greedy_equals_one_token_per_pass(tiny_model, hf_pair, prompts, which, draft_tokens):
+    """Greedy on CPU fp32 is speculative by default (a bf16 draft proposes, the model verifies): the same
+    tokens, lengths and log-probs as one token per pass, with rows ending at EOS at different steps and
+    max_new_tokens not a multiple of draft_tokens."""
+    from prott5nv.model import generate as gen
+
+    model = tiny_model if which == "megatron" else hf_pair[1]
+    passes = []
+    feed = gen._Decoder.feed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen._Decoder, "feed", lambda self, t: passes.append(self.model) or feed(self, t))
+        fast = run(model, prompts, max_new_tokens=N_NEW + 1, draft_tokens=draft_tokens)
+    plain = run(model, prompts, max_new_tokens=N_NEW + 1, speculative=False)
+    assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.lengths, plain.lengths)
+    torch.testing.assert_close(fast.token_logprobs, plain.token_logprobs, atol=1e-5, rtol=1e-5)
+    verify = sum(p is model.model for p in passes)  # passes of the fp32 model itself
+    assert 0 < verify < N_NEW + 1 and len(passes) > verify  # the draft proposed; the model verified
+    if which == "t5":
+        assert len(set(plain.lengths.tolist())) > 1  # EOS mid-way in some rows
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_draft_model_is_kept_until_the_weights_change(tiny_model, prompts, monkeypatch, kind):
+    """The draft is int8 (dynamic quantization) or, where PyTorch cannot quantize, bf16; either way it
+    has no encoder, is reused while the weights stay, and speculative greedy still equals plain greedy."""
+    from prott5nv.model import generate as gen
+
+    if kind == "bf16":
+        monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", lambda *a, **k: 1 / 0)
+    model = copy.deepcopy(tiny_model.model)  # a private copy: its own draft
+    ours = ProtT5nv(model, tiny_model.tokenizer)
+    draft = gen.draft_model(model)
+    assert gen.draft_model(model) is draft and draft.encoder is None and model.encoder is not None
+    linear = draft.decoder.blocks[0].mlp.wo
+    assert ("quantized" in type(linear).__module__) == (kind == "int8")
+    assert draft.embeddings.word_embeddings.weight.dtype == (torch.float32 if kind == "int8" else torch.bfloat16)
+    fast = run(ours, prompts, max_new_tokens=N_NEW)
+    assert torch.equal(fast.sequences, run(ours, prompts, max_new_tokens=N_NEW, speculative=False).sequences)
+    with torch.no_grad():
+        model.decoder.blocks[0].mlp.wo.weight.mul_(1.0)  # an in-place update: the draft is rebuilt
+    assert gen.draft_model(model) is not draft
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_model, prompts):

@@ -27,11 +27,23 @@ them once per step, not once per beam, and reorders only the self-attention cach
 plain matmul attention, and the decoder's fp32 weights are stored column-major
 (:meth:`~prott5nv.model.t5.T5Model.optimize_for_decoding`). ``use_cache=False`` recomputes the whole
 prefix at every step (the reference used by the tests).
+
+Greedy decoding of an fp32 model on CPU is speculative (``speculative=True``, the default): a step is
+bound by reading the decoder's weights once per token, so an int8 copy of the decoder (a quarter of the
+bytes; :func:`draft_model`, kept while the weights do not change) proposes ``draft_tokens`` tokens and
+the fp32 model checks them all in one pass -- one read of its weights for several tokens. The tokens kept are
+the fp32 model's own argmaxes, so the output is greedy decoding of the fp32 model; the only difference
+from one token per pass is the last bits of fp32 arithmetic done in another order, which can decide a
+near-tie the other way (as a different batch size can).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import re
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +56,8 @@ from ..errors import ConfigError, InvalidSequenceError
 from ..sequence import DEFAULT_POLICY, STANDARD_RESIDUES, SequencePolicy, clean_sequence
 from ..tokenizer import ProteinTokenizer
 from .t5 import DecoderCache, T5Model
+
+log = logging.getLogger(__name__)
 
 #: ``logits_processor(step, generated [N, step], logits [N, V]) -> logits``: applied to the raw logits of
 #: every step before anything else (constraints: set forbidden ids to -inf).
@@ -67,6 +81,8 @@ class GenerationConfig:
     early_stopping: bool | str = False  # beam: True, False (heuristic) or "never"
     num_return_sequences: int = 1
     use_cache: bool = True
+    speculative: bool = True  # greedy, fp32 on CPU: an int8 draft proposes, the model verifies (see above)
+    draft_tokens: int = 6  # tokens proposed per verification pass
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -89,6 +105,8 @@ class GenerationConfig:
             )
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
             raise ConfigError("greedy decoding returns one sequence per input; use do_sample or num_beams")
+        if self.draft_tokens < 1:
+            raise ConfigError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
         if self.early_stopping not in (True, False, "never"):
             raise ConfigError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
 
@@ -124,6 +142,13 @@ class _Decoder:
         hidden = self.model.decode(x, self.memory, self.memory_mask, cache=self.cache)
         return self.model.lm_logits(hidden[:, -1]).float()
 
+    def feed(self, tokens: Tensor) -> Tensor:
+        """Logits (fp32) ``[N, m, V]`` after each of the tokens ``[N, m]`` not yet in the cache (the cached
+        prefix is skipped), which then join it."""
+        assert self.cache is not None
+        hidden = self.model.decode(tokens[:, self.cache.length :], self.memory, self.memory_mask, cache=self.cache)
+        return self.model.lm_logits(hidden).float()
+
     def reorder(self, index: Tensor) -> None:
         """Keep rows `index` (beam search; see :meth:`DecoderCache.reorder`)."""
         if self.cache is not None:
@@ -144,6 +169,44 @@ def _warp(logits: Tensor, cfg: GenerationConfig) -> Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+_DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights' versions, draft)
+
+
+def draft_model(model: T5Model) -> T5Model:
+    """A cheap copy of `model`'s decoder side (no encoder) for speculative greedy decoding: its linear
+    layers dynamically quantized to int8 (PyTorch's fbgemm/qnnpack kernels: a quarter of the fp32 bytes),
+    or in bf16 where this PyTorch cannot quantize. Made once and reused while the fp32 weights are
+    unchanged (their in-place versions are compared)."""
+    versions = tuple((id(p), p._version) for p in model.parameters())
+    kept = _DRAFTS.get(model)
+    if kept is not None and kept[0] == versions:
+        return kept[1]
+    encoder = model.encoder
+    model.encoder = None  # not copied
+    try:
+        draft = copy.deepcopy(model).eval()
+    finally:
+        model.encoder = encoder
+    for module in draft.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.contiguous()  # undo optimize_for_decoding's layout
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao quantization is deprecated; the bf16 draft remains
+            draft = torch.ao.quantization.quantize_dynamic(draft, {torch.nn.Linear}, dtype=torch.qint8)
+    except Exception as exc:  # noqa: BLE001 - any failure: fall back to the bf16 draft
+        log.debug("int8 draft unavailable (%s); using bf16", exc)
+        draft = draft.to(torch.bfloat16)
+    _DRAFTS[model] = (versions, draft)
+    return draft
+
+
+def _speculates(model: T5Model, cfg: GenerationConfig, processor: LogitsProcessor | None) -> bool:
+    weight = model.embeddings.word_embeddings.weight
+    return (cfg.speculative and cfg.use_cache and not cfg.do_sample and cfg.num_beams == 1 and processor is None
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and not model.training)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -182,6 +245,11 @@ def generate(
     decoder = _Decoder(model, encoder_hidden, attention_mask, cfg.use_cache, cfg.max_new_tokens)
     if cfg.num_beams > 1:
         return _beam_search(decoder, encoder_hidden.shape[0], cfg, decoder_start_id, eos_id, pad_id, logits_processor)
+    if _speculates(model, cfg, logits_processor):
+        proposer = draft_model(model)
+        memory = encoder_hidden.to(proposer.embeddings.word_embeddings.weight.dtype)
+        draft = _Decoder(proposer, memory, attention_mask, True, cfg.max_new_tokens)
+        return _greedy_speculative(decoder, draft, cfg, decoder_start_id, eos_id, pad_id)
     return _greedy_or_sample(decoder, encoder_hidden.shape[0] * expand, cfg, decoder_start_id, eos_id, pad_id,
                              generator, logits_processor)  # fmt: skip
 
@@ -219,6 +287,44 @@ def _greedy_or_sample(
         done |= nxt == eos_id
         if bool(done.all()):
             break
+    token_logprobs = torch.stack(logprobs, dim=1)
+    return GenerationOutput(tokens[:, 1:], lengths, token_logprobs, token_logprobs.sum(1))
+
+
+def _greedy_speculative(
+    main: _Decoder, draft: _Decoder, cfg: GenerationConfig, start_id: int, eos_id: int, pad_id: int
+) -> GenerationOutput:
+    """Greedy decoding of `main`, `cfg.draft_tokens` tokens proposed by `draft` per pass of `main` (see
+    the module docstring). A pass keeps the proposed tokens that every unfinished row's `main` argmax
+    agrees with, then `main`'s own next token; both caches forget what was not kept."""
+    assert main.cache is not None and draft.cache is not None
+    n = main.memory.shape[0]
+    tokens = torch.full((n, 1), start_id, dtype=torch.long, device=main.memory.device)
+    logprobs: list[Tensor] = []
+    done = torch.zeros(n, dtype=torch.bool, device=tokens.device)
+    lengths = torch.zeros(n, dtype=torch.long, device=tokens.device)
+    while len(logprobs) < cfg.max_new_tokens and not bool(done.all()):
+        k = min(cfg.draft_tokens, cfg.max_new_tokens - len(logprobs))
+        proposal = tokens
+        for _ in range(k):
+            proposal = torch.cat([proposal, draft.feed(proposal)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        known = tokens.shape[1]
+        logits = main.feed(proposal)[:, -(k + 1) :]  # after the last known token and after each proposed one
+        best = logits.argmax(-1)
+        agree = (best[:, :k] == proposal[:, known:]) | done[:, None]
+        accepted = int(agree.long().cumprod(1).sum(1).min())
+        logp = logits.log_softmax(-1)
+        for j in range(accepted + 1):
+            if len(logprobs) == cfg.max_new_tokens or bool(done.all()):
+                break
+            nxt = best[:, j]
+            logprobs.append(logp[:, j].gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0))
+            nxt = nxt.masked_fill(done, pad_id)
+            lengths += (~done).long()
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            done |= nxt == eos_id
+        main.cache.truncate(known + accepted)
+        draft.cache.truncate(known + accepted)
     token_logprobs = torch.stack(logprobs, dim=1)
     return GenerationOutput(tokens[:, 1:], lengths, token_logprobs, token_logprobs.sum(1))
 

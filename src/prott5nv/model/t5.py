@@ -96,6 +96,12 @@ class DecoderCache:
         for layer in self.layers:
             layer.reorder(index)
 
+    def truncate(self, length: int) -> None:
+        """Forget the self-attention keys/values after the first `length` tokens (speculative decoding
+        drops the rejected ones); the buffers stay."""
+        for layer in self.layers:
+            layer.length = min(layer.length, length)
+
 
 # ----------------------------------------------------------------------------------------------- masks
 def attention_mask(
