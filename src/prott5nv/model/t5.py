@@ -29,7 +29,7 @@ class LayerCache:
     transposed in memory, the layout in which the BLAS multiplies by them fastest.
     """
 
-    __slots__ = ("k", "v", "length", "capacity", "cross")
+    __slots__ = ("k", "v", "length", "capacity", "cross", "spare")
 
     def __init__(self, capacity: int | None = None) -> None:
         self.k: Tensor | None = None
@@ -37,6 +37,7 @@ class LayerCache:
         self.length = 0
         self.capacity = capacity
         self.cross: tuple[Tensor, Tensor] | None = None
+        self.spare: tuple[Tensor, Tensor] | None = None  # beam search reorders into these, then swaps
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new keys/values ``[N, H, n, d_kv]``; return ``[N, H, length, d_kv]`` views of all."""
@@ -58,7 +59,7 @@ class LayerCache:
         if self.k is not None and self.v is not None and self.length:
             k[:, :, : self.length] = self.k[:, :, : self.length]
             v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = k, v
+        self.k, self.v, self.spare = k, v, None
 
     def set_cross(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Keep the cross-attention keys/values (computed once); return them as stored."""
@@ -66,11 +67,17 @@ class LayerCache:
         return self.cross
 
     def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` of the self-attention keys/values (beam search)."""
+        """Keep rows `index` of the self-attention keys/values (beam search): gathered straight into a
+        spare pair of buffers, which then become the cache (one read and one write per step)."""
         if self.k is not None and self.v is not None and self.length:
             n = self.length
-            self.k[:, :, :n] = self.k[:, :, :n].index_select(0, index)
-            self.v[:, :, :n] = self.v[:, :, :n].index_select(0, index)
+            if self.spare is None:
+                self.spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+            k, v = self.spare
+            torch.index_select(self.k[:, :, :n], 0, index, out=k[:, :, :n])
+            torch.index_select(self.v[:, :, :n], 0, index, out=v[:, :, :n])
+            self.spare = (self.k, self.v)
+            self.k, self.v = k, v
 
 
 class DecoderCache:
