@@ -174,6 +174,20 @@ def _warp(logits: Tensor, cfg: GenerationConfig) -> Tensor:
 _DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights' versions, draft)
 
 
+def _decoder_copy(model: T5Model) -> T5Model:
+    """A copy of `model` without its encoder, linear weights row-major (as quantization and bf16 want)."""
+    encoder = model.encoder
+    model.encoder = None  # not copied
+    try:
+        copied = copy.deepcopy(model).eval()
+    finally:
+        model.encoder = encoder
+    for module in copied.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.contiguous()  # undo optimize_for_decoding's layout
+    return copied
+
+
 def draft_model(model: T5Model) -> T5Model:
     """A cheap copy of `model`'s decoder side (no encoder) for speculative greedy decoding: its linear
     layers dynamically quantized to int8 (PyTorch's fbgemm/qnnpack kernels: a quarter of the fp32 bytes),
@@ -183,22 +197,14 @@ def draft_model(model: T5Model) -> T5Model:
     kept = _DRAFTS.get(model)
     if kept is not None and kept[0] == versions:
         return kept[1]
-    encoder = model.encoder
-    model.encoder = None  # not copied
-    try:
-        draft = copy.deepcopy(model).eval()
-    finally:
-        model.encoder = encoder
-    for module in draft.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.data = module.weight.data.contiguous()  # undo optimize_for_decoding's layout
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao quantization is deprecated; the bf16 draft remains
-            draft = torch.ao.quantization.quantize_dynamic(draft, {torch.nn.Linear}, dtype=torch.qint8)
+            draft = torch.ao.quantization.quantize_dynamic(_decoder_copy(model), {torch.nn.Linear},
+                                                           dtype=torch.qint8, inplace=True)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - any failure: fall back to the bf16 draft
         log.debug("int8 draft unavailable (%s); using bf16", exc)
-        draft = draft.to(torch.bfloat16)
+        draft = _decoder_copy(model).to(torch.bfloat16)
     _DRAFTS[model] = (versions, draft)
     return draft
 
