@@ -176,12 +176,7 @@ _DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (we
 
 def _decoder_copy(model: T5Model) -> T5Model:
     """A copy of `model` without its encoder, linear weights row-major (as quantization and bf16 want)."""
-    encoder = model.encoder
-    model.encoder = None  # not copied
-    try:
-        copied = copy.deepcopy(model).eval()
-    finally:
-        model.encoder = encoder
+    copied = copy.deepcopy(model, memo={id(model.encoder): None}).eval()  # the encoder "copies" as None
     for module in copied.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.data = module.weight.data.contiguous()  # undo optimize_for_decoding's layout
