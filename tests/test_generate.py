@@ -236,6 +236,12 @@ def test_cli_generate_and_infill(tiny_model, tmp_path, capsys):
     rows = out.read_text().splitlines()
     assert rows[0] == "id\trank\tscore\ttarget\tfilled" and len(rows) == 5
     assert "generated 4 targets for 2 proteins" in capsys.readouterr().out
+    greedy = {}
+    for flag in ([], ["--no-speculative"]):  # greedy: speculative by default, the same targets either way
+        greedy[bool(flag)] = tmp_path / f"greedy{len(flag)}.tsv"
+        assert main(["generate", str(fasta), "--model", str(path), "-o", str(greedy[bool(flag)]),
+                     "--max-new-tokens", "9", *flag]) == 0  # fmt: skip
+    assert greedy[False].read_text() == greedy[True].read_text() and len(greedy[True].read_text().splitlines()) == 3
     fa, probs = tmp_path / "fill.fa", tmp_path / "p.tsv"
     assert main(["infill", str(fasta), "--model", str(path), "-o", str(fa), "-n", "2", "--seed", "1",
                  "--probabilities", str(probs)]) == 0  # fmt: skip

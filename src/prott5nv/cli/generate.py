@@ -89,6 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    g.add_argument("--no-speculative", dest="speculative", action="store_false",
+                   help="greedy one token per pass (default on CPU fp32: an int8 draft proposes 6 tokens, the "
+                        "model verifies them in one pass; same tokens, faster)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, length_penalty=args.length_penalty,
         early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
-        num_return_sequences=args.num_return_sequences,
+        num_return_sequences=args.num_return_sequences, speculative=args.speculative,
     )  # fmt: skip
     policy = sequence_policy(args)
     n_targets = 0
