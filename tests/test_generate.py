@@ -133,14 +133,22 @@ def test_speculative_greedy_equals_one_token_per_pass(tiny_model, hf_pair, promp
         assert len(set(plain.lengths.tolist())) > 1  # EOS mid-way in some rows
 
 
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "int8 kernels fail"])
 def test_draft_model_is_kept_until_the_weights_change(tiny_model, prompts, monkeypatch, kind):
-    """The draft is int8 (dynamic quantization) or, where PyTorch cannot quantize, bf16; either way it
-    has no encoder, is reused while the weights stay, and speculative greedy still equals plain greedy."""
+    """The draft is int8 (dynamic quantization) or, where PyTorch cannot quantize or its quantized
+    kernels do not run, bf16; either way it has no encoder, is reused while the weights stay, and
+    speculative greedy still equals plain greedy."""
     from prott5nv.model import generate as gen
 
     if kind == "bf16":
         monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", lambda *a, **k: 1 / 0)
+    if kind == "int8 kernels fail":
+
+        def fail(*args):
+            raise RuntimeError("no quantized engine")
+
+        monkeypatch.setattr(torch.ao.nn.quantized.dynamic.Linear, "forward", fail)
+        kind = "bf16"
     model = copy.deepcopy(tiny_model.model)  # a private copy: its own draft
     ours = ProtT5nv(model, tiny_model.tokenizer)
     draft = gen.draft_model(model)

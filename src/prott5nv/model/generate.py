@@ -197,6 +197,8 @@ def draft_model(model: T5Model) -> T5Model:
             warnings.simplefilter("ignore")  # torch.ao quantization is deprecated; the bf16 draft remains
             draft = torch.ao.quantization.quantize_dynamic(_decoder_copy(model), {torch.nn.Linear},
                                                            dtype=torch.qint8, inplace=True)  # fmt: skip
+            probe = draft.decoder.blocks[0].mlp  # quantized kernels may exist but not run here: try one
+            probe(torch.zeros(1, model.config.d_model))
     except Exception as exc:  # noqa: BLE001 - any failure: fall back to the bf16 draft
         log.debug("int8 draft unavailable (%s); using bf16", exc)
         draft = _decoder_copy(model).to(torch.bfloat16)
