@@ -257,6 +257,34 @@ def generate(
                              generator, logits_processor)  # fmt: skip
 
 
+class _Emitted:
+    """The tokens chosen so far for ``n`` rows, one token per row per step: finished rows (past EOS) get
+    the pad id and log-prob 0."""
+
+    def __init__(self, n: int, start_id: int, eos_id: int, pad_id: int, device: torch.device) -> None:
+        self.tokens = torch.full((n, 1), start_id, dtype=torch.long, device=device)
+        self.logprobs: list[Tensor] = []
+        self.done = torch.zeros(n, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(n, dtype=torch.long, device=device)
+        self.eos_id, self.pad_id = eos_id, pad_id
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def append(self, nxt: Tensor, logp: Tensor) -> None:
+        """Take `nxt` ``[N]``, scored by the log-probs `logp` ``[N, V]``."""
+        done = self.done
+        self.logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0))
+        nxt = nxt.masked_fill(done, self.pad_id)
+        self.lengths += (~done).long()
+        self.tokens = torch.cat([self.tokens, nxt[:, None]], dim=1)
+        done |= nxt == self.eos_id
+
+    def output(self) -> GenerationOutput:
+        token_logprobs = torch.stack(self.logprobs, dim=1)
+        return GenerationOutput(self.tokens[:, 1:], self.lengths, token_logprobs, token_logprobs.sum(1))
+
+
 def _greedy_or_sample(
     decoder: _Decoder,
     n: int,
@@ -267,31 +295,20 @@ def _greedy_or_sample(
     generator: torch.Generator | None,
     processor: LogitsProcessor | None,
 ) -> GenerationOutput:
-    device = decoder.memory.device
-    tokens = torch.full((n, 1), start_id, dtype=torch.long, device=device)
-    logprobs: list[Tensor] = []
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    out = _Emitted(n, start_id, eos_id, pad_id, decoder.memory.device)
     for step in range(cfg.max_new_tokens):
-        logits = decoder.logits(tokens)
+        logits = decoder.logits(out.tokens)
         if processor is not None:
-            logits = processor(step, tokens[:, 1:], logits)
-        logp = logits.log_softmax(-1)
+            logits = processor(step, out.tokens[:, 1:], logits)
         if cfg.do_sample:
             probs = _warp(logits, cfg).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             nxt = logits.argmax(-1)
-        chosen = logp.gather(1, nxt[:, None]).squeeze(1)
-        nxt = nxt.masked_fill(done, pad_id)
-        logprobs.append(chosen.masked_fill(done, 0.0))
-        lengths += (~done).long()
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done |= nxt == eos_id
-        if bool(done.all()):
+        out.append(nxt, logits.log_softmax(-1))
+        if bool(out.done.all()):
             break
-    token_logprobs = torch.stack(logprobs, dim=1)
-    return GenerationOutput(tokens[:, 1:], lengths, token_logprobs, token_logprobs.sum(1))
+    return out.output()
 
 
 def _greedy_speculative(
@@ -301,35 +318,24 @@ def _greedy_speculative(
     the module docstring). A pass keeps the proposed tokens that every unfinished row's `main` argmax
     agrees with, then `main`'s own next token; both caches forget what was not kept."""
     assert main.cache is not None and draft.cache is not None
-    n = main.memory.shape[0]
-    tokens = torch.full((n, 1), start_id, dtype=torch.long, device=main.memory.device)
-    logprobs: list[Tensor] = []
-    done = torch.zeros(n, dtype=torch.bool, device=tokens.device)
-    lengths = torch.zeros(n, dtype=torch.long, device=tokens.device)
-    while len(logprobs) < cfg.max_new_tokens and not bool(done.all()):
-        k = min(cfg.draft_tokens, cfg.max_new_tokens - len(logprobs))
-        proposal = tokens
+    out = _Emitted(main.memory.shape[0], start_id, eos_id, pad_id, main.memory.device)
+    while len(out) < cfg.max_new_tokens and not bool(out.done.all()):
+        k = min(cfg.draft_tokens, cfg.max_new_tokens - len(out))
+        proposal = known = out.tokens
         for _ in range(k):
             proposal = torch.cat([proposal, draft.feed(proposal)[:, -1].argmax(-1, keepdim=True)], dim=1)
-        known = tokens.shape[1]
         logits = main.feed(proposal)[:, -(k + 1) :]  # after the last known token and after each proposed one
         best = logits.argmax(-1)
-        agree = (best[:, :k] == proposal[:, known:]) | done[:, None]
+        agree = (best[:, :k] == proposal[:, known.shape[1] :]) | out.done[:, None]
         accepted = int(agree.long().cumprod(1).sum(1).min())
         logp = logits.log_softmax(-1)
         for j in range(accepted + 1):
-            if len(logprobs) == cfg.max_new_tokens or bool(done.all()):
+            if len(out) == cfg.max_new_tokens or bool(out.done.all()):
                 break
-            nxt = best[:, j]
-            logprobs.append(logp[:, j].gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0))
-            nxt = nxt.masked_fill(done, pad_id)
-            lengths += (~done).long()
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done |= nxt == eos_id
-        main.cache.truncate(known + accepted)
-        draft.cache.truncate(known + accepted)
-    token_logprobs = torch.stack(logprobs, dim=1)
-    return GenerationOutput(tokens[:, 1:], lengths, token_logprobs, token_logprobs.sum(1))
+            out.append(best[:, j], logp[:, j])
+        main.cache.truncate(known.shape[1] + accepted)
+        draft.cache.truncate(known.shape[1] + accepted)
+    return out.output()
 
 
 def _beam_search(
