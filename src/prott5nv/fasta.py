@@ -480,12 +480,11 @@ class FastaReader:
             seen |= new
         self.too_short += too_short
         self.too_long += too_long
-        self.records += too_short + too_long
+        self.records += len(lengths) + too_short + too_long
         descriptions = None
         if describe:
             span = np.frombuffer(spans, np.int64).reshape(-1, 2).tolist()
             descriptions = [bytes(buf[s:t]) for s, t in span]
-        self.records += len(lengths)
         block = FastaBlock(
             packed=packed,
             lengths=lengths,

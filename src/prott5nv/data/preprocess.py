@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import FastaReader
-from ..fsutil import atomic_directory, sync_in_background
+from ..fsutil import atomic_directory
 from ..sequence import DEFAULT_POLICY, SequencePolicy
 from .store import (
     FORMAT,
@@ -325,7 +325,6 @@ def _build(
     del keep, chosen, records
 
     splits = _write_splits(tmp / SEQUENCES / "offsets.npy", labels, tmp)
-    sync_in_background([tmp / f"{name}.npy" for name in SPLITS])()
     scratch.synced()
     shutil.rmtree(work)
     elapsed = time.perf_counter() - t0
@@ -347,8 +346,8 @@ def _build(
 
 
 def _write_splits(offsets: Path, labels: np.ndarray, out: Path) -> dict[str, dict[str, Any]]:
-    """Write ``{split}.npy`` (sorted record numbers; label -1 = dropped; not yet flushed to disk) and
-    each split's statistics, reading the record lengths from `offsets` chunk by chunk."""
+    """Write ``{split}.npy`` (sorted record numbers; label -1 = dropped) and each split's statistics,
+    reading the record lengths from `offsets` chunk by chunk."""
     edges = HIST_MAX // HIST_BIN
     writers = [_NpyWriter(out / f"{name}.npy", int(np.count_nonzero(labels == code))) for code, name in
                enumerate(SPLITS)]  # fmt: skip
@@ -372,7 +371,7 @@ def _write_splits(offsets: Path, labels: np.ndarray, out: Path) -> dict[str, dic
         a += len(lengths)
     result = {}
     for code, name in enumerate(SPLITS):
-        writers[code].close(sync=False)  # the caller flushes them
+        writers[code].close()
         count = writers[code].count
         result[name] = {
             "sequences": count,

@@ -46,7 +46,7 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 class _Int64Spool:
-    """Append int64 values to a raw file (memory does not grow with the count); read back in chunks."""
+    """Append int64 values to a raw file (memory does not grow with the count); read back as a memory map."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -81,13 +81,11 @@ class _NpyWriter:
         self._fh.write(np.ascontiguousarray(values, dtype=np.int64).tobytes())
         self.written += len(values)
 
-    def close(self, sync: bool = True) -> None:
-        """Finish the file; `sync`: flush it to disk now (else the caller does, e.g. in the background)."""
+    def close(self) -> None:
         if self.written != self.count:
             raise AssertionError(f"{self.path}: wrote {self.written} of {self.count} values")
         self._fh.flush()
-        if sync:
-            os.fsync(self._fh.fileno())
+        os.fsync(self._fh.fileno())
         self._fh.close()
 
 
@@ -132,7 +130,6 @@ class _OffsetsWriter:
         self._fh.seek(0)
         self._fh.write(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text)
         self._fh.close()
-
 
 
 class _BackgroundWriter:
