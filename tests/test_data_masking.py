@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prott5nv.data.masking import T5Masker, T5Sample, collate_t5
+from prott5nv.data.masking import DenoiseMasker, MixedMasker, T5Masker, T5Sample, build_masker, collate_t5
 from prott5nv.errors import ConfigError
 from prott5nv.fasta import read_fasta
 from prott5nv.tokenizer import ProteinTokenizer
@@ -124,3 +124,73 @@ def test_collate_dynamic_and_fixed(proteins) -> None:
         assert fixed["text_enc"][i, :enc_len].tolist() == dyn["text_enc"][i].tolist()
     with pytest.raises(ConfigError, match="more than seq_length 100"):
         collate_t5(samples, TOK.pad_id, 100, 256)
+
+
+# --------------------------------------------------------------------------- denoise and mixed objectives
+@pytest.mark.parametrize("layout", ["prott5nv", "rostlab"])
+def test_denoise_layout_and_rates(proteins, layout: str) -> None:
+    """Rostlab's objective: 15% of residues corrupted in place (90% mask token, 10% a random standard
+    residue), the decoder rebuilds every token; `corrupted` marks exactly the corrupted positions."""
+    tok = TOK if layout == "prott5nv" else ProteinTokenizer.for_layout("rostlab")
+    mask_id = tok.mask_id if tok.mask_id is not None else tok.sentinel_ids[0]
+    masker = build_masker("denoise", tok, seed=3)
+    assert isinstance(masker, DenoiseMasker)
+    standard = {tok.token_to_id(a) for a in "ACDEFGHIKLMNPQRSTVWY"}
+    corrupted = masked = replaced = total = 0
+    for i, p in enumerate(proteins[:300]):
+        ids = tok.encode_residues(TOK.decode(p).translate(str.maketrans("UZOB", "XXXX")))
+        s = masker(ids, i)
+        tokens = ids[:510]
+        enc = s.text_enc[:-1] if tok.add_eos else s.text_enc
+        assert (s.text_enc[-1] == tok.eos_id) == tok.add_eos
+        assert len(enc) == len(tokens)  # corrupted in place: the encoder input keeps its length
+        assert s.labels.tolist() == [*tokens.tolist(), tok.eos_id]
+        assert s.text_dec.tolist() == [masker.decoder_start_id, *tokens.tolist()]
+        changed = enc != tokens
+        where = s.corrupted[:-1]
+        assert not s.corrupted[-1] and (changed <= where).all()  # only corrupted positions differ
+        assert where.sum() == max(1, round(0.15 * len(tokens)))
+        assert set(enc[where & (enc != mask_id)].tolist()) <= standard
+        assert (enc[~where] == tokens[~where]).all()
+        corrupted += int(where.sum())
+        masked += int((enc[where] == mask_id).sum())
+        replaced += int((enc[where] != mask_id).sum())
+        total += len(tokens)
+    assert abs(corrupted / total - 0.15) <= 0.005
+    assert abs(replaced / corrupted - 0.1) <= 0.02 and masked + replaced == corrupted
+
+
+def test_span_samples_mark_their_masked_residues(proteins) -> None:
+    s = T5Masker(TOK, seed=4)(proteins[1], 0)
+    sentinels = np.isin(s.labels, TOK.sentinel_ids)
+    assert s.corrupted.tolist() == (~sentinels & (s.labels != TOK.eos_id)).tolist()
+
+
+def test_mixed_draws_each_sample_from_one_objective(proteins) -> None:
+    masker = build_masker("mixed", TOK, seed=9, denoise_fraction=0.5)
+    assert isinstance(masker, MixedMasker)
+    span, denoise = build_masker("span", TOK, seed=9), build_masker("denoise", TOK, seed=9)
+    kinds = []
+    for i, p in enumerate(proteins[:200]):
+        s = masker(p, i, epoch=2)
+        expected = (denoise if masker.is_denoise(i, 2) else span)(p, i, 2)
+        assert s.text_enc.tolist() == expected.text_enc.tolist() and s.labels.tolist() == expected.labels.tolist()
+        kinds.append(masker.is_denoise(i, 2))
+    assert 80 <= sum(kinds) <= 120  # about half
+    assert not any(build_masker("mixed", TOK, denoise_fraction=0.0).is_denoise(i) for i in range(50))
+
+
+def test_objective_refusals() -> None:
+    with pytest.raises(ConfigError, match="objective 'bart': choose one of span, denoise, mixed"):
+        build_masker("bart", TOK)
+    with pytest.raises(ConfigError, match="seq_length_dec 256 is too short for the denoise objective: .* needs 511"):
+        build_masker("denoise", TOK, seq_length_dec=256)
+
+
+def test_collate_carries_corrupted(proteins) -> None:
+    masker = build_masker("mixed", TOK, seed=1)
+    samples = [masker(p, i) for i, p in enumerate(proteins[:6])]
+    batch = collate_t5(samples, TOK.pad_id)
+    for i, s in enumerate(samples):
+        assert batch["corrupted"][i, : len(s.labels)].tolist() == s.corrupted.tolist()
+        assert not batch["corrupted"][i, len(s.labels) :].any()

@@ -327,7 +327,15 @@ def test_pretraining_probe_logs_rows(tmp_path):
         assert trainer.model.training
         rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     probes = [r for r in rows["probed"] if "probe_accuracy" in r]
-    assert [r["step"] for r in probes] == [2, 4]
+    assert [r["step"] for r in probes] == [0, 2, 4]  # step 0: the untrained network, before any update
+    from prott5nv.downstream.probe import PretrainProbe
+    from prott5nv.train.trainer import build_model
+
+    cfg = TrainConfig(out=str(tmp_path / "x"), **settings)
+    torch.manual_seed(cfg.seed)
+    untrained, tok = build_model(cfg)
+    step0 = PretrainProbe(probe, seed=cfg.seed)(untrained.train(), tok)
+    assert {k: probes[0][k] for k in step0} == step0
     assert all(0.0 <= r["probe_accuracy"] <= 1.0 and 0.0 <= r["probe_macro_f1"] <= 1.0 for r in probes)
     # probing changes nothing in the training run (RNG state and train mode restored)
     losses = {name: [r["loss"] for r in rs if "loss" in r] for name, rs in rows.items()}

@@ -36,9 +36,12 @@ FLAGS: list[tuple[str, type, str]] = [
     ("precision", str, f"one of {', '.join(PRECISIONS)} (default: fp32)"),
     ("dropout", float, "dropout everywhere (default: the model's, 0.1)"),
     ("seq_length", int, "encoder length (default: 512)"),
-    ("seq_length_dec", int, "decoder length (default: 256)"),
+    ("seq_length_dec", int, "decoder length (default: 256 for span, --seq-length for denoise/mixed)"),
     ("masked_lm_prob", float, "fraction of tokens masked (default: 0.15)"),
     ("mean_span_length", float, "mean masked span length (default: 1 = single tokens, as ProtT5nv)"),
+    ("objective", str, "span (T5 span corruption, ProtT5nv's; default), denoise (Rostlab ProtT5's: 15%% of "
+     "residues masked in place, the decoder rebuilds the whole sequence) or mixed (each sample one or the other)"),
+    ("denoise_fraction", float, "mixed: share of samples denoised (default: 0.5)"),
     ("seed", int, "seed for initialisation, shuffling and masking (default: 1234)"),
     ("val_every", int, "validate every N steps (default: 200)"),
     ("val_samples", int, "validation sequences used (default: 1000)"),

@@ -1,11 +1,11 @@
-"""The pretraining dataset: sequence store -> token ids -> T5-masked samples."""
+"""The pretraining dataset: sequence store -> token ids -> samples of the pretraining objective."""
 
 from __future__ import annotations
 
 from torch.utils.data import Dataset
 
 from ..tokenizer import ProteinTokenizer
-from .masking import T5Masker, T5Sample
+from .masking import Masker, T5Sample
 from .store import SequenceStore
 
 
@@ -16,7 +16,7 @@ class T5PretrainingDataset(Dataset):
     Pickles without open files (the store reopens its memory maps in each worker).
     """
 
-    def __init__(self, store: SequenceStore, tokenizer: ProteinTokenizer, masker: T5Masker, epoch: int = 0):
+    def __init__(self, store: SequenceStore, tokenizer: ProteinTokenizer, masker: Masker, epoch: int = 0):
         self.store, self.tok, self.masker, self.epoch = store, tokenizer, masker, epoch
 
     def set_epoch(self, epoch: int) -> None:

@@ -14,6 +14,7 @@ from ..model.config import dataclass_from_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 POSITION_INITS = ("normal", "sinusoidal")
+OBJECTIVES = ("span", "denoise", "mixed")  # see data/masking.py
 
 
 @dataclass
@@ -38,9 +39,11 @@ class TrainConfig:
     precision: str = "fp32"
     dropout: float | None = None  # None: the model config's (0.1)
     seq_length: int = 512
-    seq_length_dec: int = 256
+    seq_length_dec: int | None = None  # None: 256 for span corruption, seq_length when rebuilding samples
     masked_lm_prob: float = 0.15
     mean_span_length: float = 1.0
+    objective: str = "span"  # span (ProtT5nv's T5 span corruption), denoise (Rostlab's), mixed (see data/masking)
+    denoise_fraction: float = 0.5  # mixed: share of samples denoised
     seed: int = 1234
     val_every: int = 200
     val_samples: int = 1000  # validation sequences used (the first N of the val split)
@@ -57,6 +60,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # YAML gives lists
         if self.position_init not in POSITION_INITS:
             raise ConfigError(f"position_init {self.position_init!r}: choose one of {', '.join(POSITION_INITS)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         for name in ("max_steps", "micro_batch_size", "accumulate", "val_every", "save_every", "keep_last",

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from ..api import resolve_device
 from ..checkpoint import load_checkpoint, save_pretrained
 from ..data.dataset import T5PretrainingDataset
-from ..data.masking import T5Masker, collate_t5
+from ..data.masking import build_masker, collate_t5
 from ..data.sampler import DistributedShuffleSampler
 from ..data.store import SequenceStore, load_manifest
 from ..errors import ConfigError
@@ -188,9 +188,11 @@ class Pretrainer:
             torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
             model, self.tokenizer = build_model(cfg)
         self.model = model.to(self.device).train()
-        self.masker = T5Masker(
-            self.tokenizer, cfg.seq_length, cfg.seq_length_dec, cfg.masked_lm_prob, cfg.mean_span_length, cfg.seed
-        )
+        self.masker = build_masker(
+            cfg.objective, self.tokenizer, seq_length=cfg.seq_length, seq_length_dec=cfg.seq_length_dec,
+            masked_lm_prob=cfg.masked_lm_prob, mean_span_length=cfg.mean_span_length,
+            denoise_fraction=cfg.denoise_fraction, seed=cfg.seed,
+        )  # fmt: skip
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.info.enabled
@@ -245,8 +247,9 @@ class Pretrainer:
 
     @torch.no_grad()
     def validate(self, store: SequenceStore | None = None) -> dict[str, float] | None:
-        """Loss over all target tokens (NeMo's val loss) and perplexity over masked residues only, on the
-        first `val_samples` sequences of `store` (default: the val split) masked as in epoch 0."""
+        """Loss over all target tokens (NeMo's val loss) and perplexity over the residues hidden from the
+        encoder only (``corrupted``), on the first `val_samples` sequences of `store` (default: the val
+        split) masked as in epoch 0."""
         store = store or self.val_store
         if store is None:
             return None
@@ -254,7 +257,6 @@ class Pretrainer:
         n = min(self.cfg.val_samples, len(store))
         mine = list(range(self.info.rank, n, self.info.world_size))
         dataset = T5PretrainingDataset(store, self.tokenizer, self.masker)
-        residue_ids = torch.tensor(self.tokenizer.residue_ids, device=self.device)
         totals = torch.zeros(4, dtype=torch.float64)
         mbs = self.cfg.micro_batch_size
         for a in range(0, len(mine), mbs):
@@ -267,7 +269,7 @@ class Pretrainer:
             labels = batch["labels"].to(self.device)
             mask = batch["loss_mask"].to(self.device).bool()
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-            residue = mask & torch.isin(labels, residue_ids)
+            residue = mask & batch["corrupted"].to(self.device)
             totals += torch.tensor([ce[mask].sum().item(), mask.sum().item(), ce[residue].sum().item(),
                                     residue.sum().item()], dtype=torch.float64)  # fmt: skip
         totals = all_reduce_sum(totals, self.info)
@@ -324,6 +326,8 @@ class Pretrainer:
         loss = float("nan")
         val: dict[str, float] | None = None
         last_log = (time.perf_counter(), self.tokens)
+        if self.probe is not None and self.step == 0:  # the untrained network: the curve's first point
+            self._log({"step": 0, **self.probe(self.model, self.tokenizer)})
         try:
             while self.step < cfg.max_steps:
                 set_lr(self.optimizer, inverse_sqrt_lr(self.step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr))
@@ -379,7 +383,8 @@ class Pretrainer:
                     on_step({"step": self.step, "loss": loss, "lr": lr, **(row or {}), **(val or {})})
             model_dir = self.run_dir / "model"
             if self.info.is_main:
-                extra = {"trained_steps": self.step, "tokens": self.tokens, "data": cfg.data}
+                extra = {"trained_steps": self.step, "tokens": self.tokens, "data": cfg.data,
+                         "objective": cfg.objective}
                 save_pretrained(self.model, self.tokenizer, model_dir, extra=extra)
         finally:
             if self._tb is not None:
