@@ -350,3 +350,137 @@ def test_composition_is_the_mean_of_onehot_rows(swissprot_200):
     comp = f.per_protein(seqs)
     assert np.allclose(comp, np.stack([r.mean(0) for r in f.per_residue(seqs)]))
     assert comp[0][f._lut[ord(seqs[0][0])]] == pytest.approx(seqs[0].count(seqs[0][0]) / len(seqs[0]))
+
+
+# ---------------------------------------------- baselines: dipeptide, one-hot windows, the step-0 model
+FLIP_SS = TEST_DATA / "flip_ss_200.csv.gz"  # 120 train / 30 valid / 50 test (NEW364) rows of FLIP "sampled"
+
+
+def flip_ss_rows() -> list[dict[str, str]]:
+    with gzip.open(FLIP_SS, "rt", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_dipeptide_features_on_a_real_peptide():
+    from prott5nv.downstream.features import DipeptideFeaturizer
+
+    seq = "KIIGIDLGTTNSXVA"  # Swiss-Prot P83709 (a 15-residue fragment with an X)
+    f = DipeptideFeaturizer().per_protein([seq])[0]
+    std = "ACDEFGHIKLMNPQRSTVWY"
+    assert f.shape == (420,) and f.dtype == np.float32
+    expected = {"K": 1, "I": 3, "G": 2, "D": 1, "L": 1, "T": 2, "N": 1, "S": 1, "V": 1, "A": 1}  # X: no column
+    assert f[:20] == pytest.approx([expected.get(c, 0) / 15 for c in std])
+    pairs = ["KI", "II", "IG", "GI", "ID", "DL", "LG", "GT", "TT", "TN", "NS", "VA"]  # SX, XV: no column
+    want = np.zeros(400)
+    for a, b in pairs:
+        want[std.index(a) * 20 + std.index(b)] = 1 / 14  # 14 neighbour pairs in 15 residues
+    assert f[20:] == pytest.approx(want)
+
+
+def test_onehot_window_features_on_a_real_peptide():
+    from prott5nv.downstream.features import OneHotWindowFeaturizer, make_featurizer
+
+    seq = "GQDFMRF"  # Swiss-Prot B3EWJ8
+    x = OneHotWindowFeaturizer().per_residue([seq])[0]
+    assert x.shape == (7, 15 * 25)  # W = 7: residues i-7 .. i+7, 25 letters each
+    # residue 0 (G): blocks 0..6 are before the start (zero), block 7 is G itself, blocks 8..13 are QDFMRF,
+    # block 14 is past the end; letter index in ACDEFGHIKLMNPQRSTVWYXBZUO: G 5, Q 13, D 2, F 4, M 10, R 14
+    assert np.flatnonzero(x[0]).tolist() == [7 * 25 + 5, 8 * 25 + 13, 9 * 25 + 2, 10 * 25 + 4, 11 * 25 + 10,
+                                             12 * 25 + 14, 13 * 25 + 4]  # fmt: skip
+    assert np.flatnonzero(x[6]).tolist() == [1 * 25 + 5, 2 * 25 + 13, 3 * 25 + 2, 4 * 25 + 4, 5 * 25 + 10,
+                                             6 * 25 + 14, 7 * 25 + 4]  # fmt: skip
+    assert x.sum(1).tolist() == [7] * 7  # every residue sees the whole peptide
+    small = make_featurizer("onehot-window", window=1).per_residue([seq])[0]
+    onehot = make_featurizer("onehot").per_residue([seq])[0]
+    assert small.shape == (7, 75) and np.array_equal(small[:, 25:50], onehot)  # the centre block is `onehot`
+    assert np.array_equal(small[1:, :25], onehot[:-1]) and not small[0, :25].any()  # the left neighbour
+
+
+def test_flip_ss_masked_residues_are_not_scored_and_the_window_probe_beats_the_majority(tmp_path):
+    rows = flip_ss_rows()
+    data = load_task(FLIP_SS, target="ss3", mask_column="mask")
+    assert data.task.kind == "residue-classification" and data.task.classes == ["C", "E", "H"]
+    assert data.counts() == {"train": 120, "val": 30, "test": 50}  # FLIP's "valid" is the val split
+    for r, y in zip(rows, data.labels, strict=True):  # mask 0 -> label -1, else the ss3 letter
+        assert "".join("-" if v < 0 else "CEH"[v] for v in y) == "".join(
+            c if m == "1" else "-" for c, m in zip(r["ss3"], r["mask"], strict=True))  # fmt: skip
+    test_rows = [r for r in rows if r["split"] == "test"]
+    scored = sum(r["mask"].count("1") for r in test_rows)
+    assert scored < sum(len(r["sequence"]) for r in test_rows)  # some test residues are unobserved
+    summary = finetune_task(FLIP_SS, tmp_path / "win", features="onehot-window", target="ss3", mask_column="mask",
+                            options=FitOptions(head="linear", lr=1e-3, max_epochs=20, patience=3))  # fmt: skip
+    test = summary.metrics["test"]
+    assert test["n"] == scored and sum(map(sum, test["confusion_matrix"])) == scored
+    train_labels = np.concatenate([y for y, s in zip(data.labels, data.splits, strict=True) if s == "train"])
+    majority = int(np.bincount(train_labels[train_labels >= 0]).argmax())
+    letter = "CEH"[majority]
+    majority_q3 = sum(sum(c == letter and m == "1" for c, m in zip(r["ss3"], r["mask"], strict=True))
+                      for r in test_rows) / scored  # fmt: skip
+    assert test["q3"] > majority_q3 + 0.1, (test["q3"], majority_q3)
+    saved = json.loads((tmp_path / "win" / "predictor.json").read_text())["features"]
+    assert saved == {"type": "onehot-window", "window": 7}
+    preds = load_predictor(tmp_path / "win").predict([r["sequence"] for r in test_rows[:3]])
+    assert [len(p) for p in preds] == [len(r["sequence"]) for r in test_rows[:3]] and set("".join(preds)) <= set("CEH")
+
+
+def test_per_residue_scoring_past_the_length_limit_truncated_or_chunked(tiny_model):
+    from prott5nv.downstream.features import EmbeddingFeaturizer
+    from prott5nv.downstream.training import fit_frozen
+    from prott5nv.inference.chunking import chunk_starts, stitch
+
+    data = load_task(FLIP_SS, target="ss3", mask_column="mask")
+    data = data.subset([i for i, s in enumerate(data.splits) if s != "train"] + list(range(20)))
+    limit, opts = 64, FitOptions(head="linear", max_epochs=1)
+    test = [i for i, s in enumerate(data.splits) if s == "test"]
+    cut = fit_frozen(data, EmbeddingFeaturizer(tiny_model, max_length=limit), opts).metrics["test"]
+    assert cut["n"] == sum(int((data.labels[i][:limit] >= 0).sum()) for i in test)  # the first 64 residues
+    chunked = EmbeddingFeaturizer(tiny_model, max_length=limit, chunk_overlap=16)
+    assert chunked.describe()["chunk_overlap"] == 16
+    whole = fit_frozen(data, chunked, opts).metrics["test"]
+    assert whole["n"] == sum(int((data.labels[i] >= 0).sum()) for i in test)  # every scored residue
+    seq = max(data.sequences, key=len)
+    starts = chunk_starts(len(seq), limit, 16)
+    hiddens, _ = tiny_model.seqs_to_hiddens([seq[a : a + limit] for a in starts])
+    want = stitch([h.numpy().astype(np.float16) for h in hiddens], starts, len(seq))
+    got = chunked.per_residue([seq])[0]
+    assert len(starts) > 2 and got.shape == (len(seq), tiny_model.embedding_dim) and np.array_equal(got, want)
+    assert chunked.per_protein([seq])[0] == pytest.approx(want.astype(np.float32).mean(0), abs=1e-6)
+
+
+def test_untrained_copy_is_the_same_network_reinitialised(tiny_checkpoint, tmp_path):
+    from prott5nv.api import load
+    from prott5nv.checkpoint import load_checkpoint, provenance
+    from prott5nv.downstream import save_untrained
+    from prott5nv.downstream.features import model_fingerprint
+
+    out = save_untrained(tiny_checkpoint, tmp_path / "step0", seed=3)
+    trained, untrained = load(tiny_checkpoint), load(out)
+    assert untrained.config == trained.config and untrained.tokenizer.to_dict() == trained.tokenizer.to_dict()
+    assert provenance(out)["source"] == str(tiny_checkpoint) and provenance(out)["seed"] == 3
+    net, _ = load_checkpoint(tiny_checkpoint)
+    torch.manual_seed(3)
+    net.reset_parameters()
+    state = untrained.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    trained_state = trained.model.state_dict()
+    assert not any(torch.equal(state[k], trained_state[k]) for k in state if k.endswith(("qkv.weight", "wi.weight")))
+    assert model_fingerprint(untrained) != model_fingerprint(trained)  # no embedding-cache collision
+    again = load(save_untrained(tiny_checkpoint, tmp_path / "again", seed=3))
+    assert model_fingerprint(again) == model_fingerprint(untrained)  # deterministic per seed
+
+
+def test_dipeptide_cli_and_feature_kind_errors(tmp_path, capsys):
+    run = tmp_path / "dp"
+    assert main(["finetune", str(LOCALIZATION), "--features", "dipeptide", "--head", "linear", "-o", str(run),
+                 "--threads", "1", "--max-epochs", "20"]) == 0  # fmt: skip
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["metrics"]["test"]["n"] == 60 and load_predictor(run).featurizer.dim == 420
+    seqs = [r["sequence"] for r in localization_rows()[:3]]
+    assert len(load_predictor(run).predict(seqs)) == 3
+    capsys.readouterr()
+    args = ["--features", "dipeptide", "-o", str(tmp_path / "r")]
+    assert main(["finetune", str(FLIP_SS), "--target", "ss3", *args]) == 2
+    assert "dipeptide features are per protein" in capsys.readouterr().err
+    assert main(["finetune", str(LOCALIZATION), "--features", "onehot-window", "-o", str(tmp_path / "r")]) == 2
+    assert "onehot-window features are per residue" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -61,8 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-eval", type=int, help="use seeded random subsets of N val and N test proteins")
     h = p.add_argument_group("training")
     h.add_argument("--features", default="embeddings", choices=FEATURES,
-                   help="embeddings (frozen encoder, default), composition (amino-acid frequencies, per "
-                   "protein; no model) or onehot (residue identity)")  # fmt: skip
+                   help="embeddings (frozen encoder, default); no model: composition (amino-acid frequencies, "
+                   "per protein), dipeptide (composition + 400 dipeptide frequencies, per protein), onehot "
+                   "(residue identity) or onehot-window (one-hot of residues i-W..i+W, per residue)")  # fmt: skip
+    h.add_argument("--window", type=int, default=7, help="half-width W of --features onehot-window (default: 7)")
     h.add_argument("--head", default="mlp", choices=HEADS, help="linear, mlp (default) or cnn (per residue)")
     h.add_argument("--class-weights", action="store_true", help="balanced class weights against imbalance")
     h.add_argument("--finetune", action="store_true", help="train the encoder together with the head")
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     make, bars = progress_bars()
     try:
         summary = finetune_task(
-            args.task_file, args.out, model=args.model, features=args.features, options=options,
+            args.task_file, args.out, model=args.model, features=args.features, window=args.window, options=options,
             target=args.target, kind=args.kind, labels=args.labels, sequence_column=args.sequence_column,
             mask_column=args.mask_column, split_column=args.split_column,
             classes=args.classes.split(",") if args.classes else None, val_fraction=args.val_fraction,

@@ -25,6 +25,8 @@ FLAGS: list[tuple[str, type, str]] = [
     ("position_init", str, "position table of a fresh model: normal (NeMo's, default) or sinusoidal (sin/cos "
      "start, still trained: attention finds neighbours sooner)"),
     ("max_steps", int, "optimizer steps (default: 1000)"),
+    ("max_minutes", float, "also stop after this many minutes of training (checkpoint and model saved; "
+     "rerunning resumes)"),
     ("micro_batch_size", int, "sequences per rank per forward pass (default: 12)"),
     ("accumulate", int, "micro-batches per optimizer step (default: 1)"),
     ("global_batch_size", int, "sequences per step over all ranks; sets --accumulate"),
@@ -42,6 +44,8 @@ FLAGS: list[tuple[str, type, str]] = [
     ("objective", str, "span (T5 span corruption, ProtT5nv's; default), denoise (Rostlab ProtT5's: 15%% of "
      "residues masked in place, the decoder rebuilds the whole sequence) or mixed (each sample one or the other)"),
     ("denoise_fraction", float, "mixed: share of samples denoised (default: 0.5)"),
+    ("encoder_loss_weight", float, "denoise/mixed: add this weight x the cross-entropy of the corrupted residues "
+     "predicted from the encoder's states by the (tied) LM head; trains the features directly (default: 0)"),
     ("seed", int, "seed for initialisation, shuffling and masking (default: 1234)"),
     ("val_every", int, "validate every N steps (default: 200)"),
     ("val_samples", int, "validation sequences used (default: 1000)"),

@@ -43,6 +43,8 @@ class T5Sample:
     labels: np.ndarray  # target + EOS
     corrupted: np.ndarray | None = None  # bool per label: a residue the encoder did not see (what masked
     # perplexity is computed on); None: not recorded (scoring builds its samples itself)
+    encoder_labels: np.ndarray | None = None  # per encoder position: the original residue where it was
+    # corrupted in place, else -100 (denoise samples only; the auxiliary encoder loss)
 
 
 class T5Masker:
@@ -178,9 +180,11 @@ class DenoiseMasker:
             enc = np.append(enc, self.tok.eos_id)
         corrupted = np.zeros(len(tokens) + 1, bool)
         corrupted[positions] = True
+        encoder_labels = np.full(len(enc), -100, np.int64)
+        encoder_labels[positions] = tokens[positions]
         dec = np.concatenate([[self.decoder_start_id], tokens])
         labels = np.concatenate([tokens, [self.tok.eos_id]])
-        return T5Sample(text_enc=enc, text_dec=dec, labels=labels, corrupted=corrupted)
+        return T5Sample(enc, dec, labels, corrupted, encoder_labels)
 
 
 class MixedMasker:
@@ -246,7 +250,8 @@ def collate_t5(
     seq_length_dec: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stack samples into padded tensors with NeMo's names (``text_enc``, ``text_dec``, ``labels``,
-    ``loss_mask``, ``enc_mask``, ``dec_mask``) and ``corrupted`` (labels the encoder did not see). Without
+    ``loss_mask``, ``enc_mask``, ``dec_mask``), ``corrupted`` (labels the encoder did not see) and
+    ``encoder_labels`` (-100 where there is nothing to predict). Without
     lengths, pads to the longest sample of the batch (dynamic padding); with them, to fixed lengths
     (refusing samples that do not fit)."""
     enc_len = max(len(s.text_enc) for s in samples)
@@ -267,6 +272,7 @@ def collate_t5(
     labels = np.full((b, dec_len), pad_id, np.int64)
     loss_mask = np.zeros((b, dec_len), np.int64)
     corrupted = np.zeros((b, dec_len), bool)
+    encoder_labels = np.full((b, enc_len), -100, np.int64)
     for i, s in enumerate(samples):
         text_enc[i, : len(s.text_enc)] = s.text_enc
         text_dec[i, : len(s.text_dec)] = s.text_dec
@@ -274,12 +280,15 @@ def collate_t5(
         loss_mask[i, : len(s.labels)] = 1
         if s.corrupted is not None:
             corrupted[i, : len(s.labels)] = s.corrupted
+        if s.encoder_labels is not None:
+            encoder_labels[i, : len(s.encoder_labels)] = s.encoder_labels
     out = {
         "text_enc": torch.from_numpy(text_enc),
         "text_dec": torch.from_numpy(text_dec),
         "labels": torch.from_numpy(labels),
         "loss_mask": torch.from_numpy(loss_mask),
         "corrupted": torch.from_numpy(corrupted),
+        "encoder_labels": torch.from_numpy(encoder_labels),
     }
     out["enc_mask"] = out["text_enc"] != pad_id
     out["dec_mask"] = out["loss_mask"].bool()

@@ -14,6 +14,7 @@ _EXPORTS = {
     "FitOptions": "training", "FitResult": "training", "fit_frozen": "training", "fit_finetune": "training",
     "Head": "heads",
     "EmbeddingFeaturizer": "features", "OneHotFeaturizer": "features", "make_featurizer": "features",
+    "OneHotWindowFeaturizer": "features", "DipeptideFeaturizer": "features", "save_untrained": "features",
     "Predictor": "predictor", "load_predictor": "predictor",
     "finetune_task": "run", "predict_file": "run",
     "classification_metrics": "metrics", "regression_metrics": "metrics",

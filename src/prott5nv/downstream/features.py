@@ -1,5 +1,6 @@
-"""Features for downstream heads: frozen encoder embeddings (cached on disk) or residue one-hot /
-amino-acid composition (the baseline, no model).
+"""Features for downstream heads: frozen encoder embeddings (cached on disk) or the baselines without a
+model: residue one-hot / amino-acid composition, one-hot windows (per residue), composition + dipeptide
+frequencies (per protein); and the untrained copy of a model (:func:`save_untrained`), its step-0 baseline.
 
 Embeddings come from the public API (:meth:`ProtT5nv.tokens_to_hiddens`, per-protein = mean over
 residues) in token-budget batches (:func:`prott5nv.data.batching.token_budget_batches`). The cache is
@@ -22,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from ..sequence import RESIDUES
+from ..errors import ConfigError
+from ..sequence import RESIDUES, STANDARD_RESIDUES
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("embeddings", "composition", "onehot")
+FEATURES = ("embeddings", "composition", "dipeptide", "onehot", "onehot-window")
+PER_PROTEIN_ONLY = ("composition", "dipeptide")
+PER_RESIDUE_ONLY = ("onehot-window",)
 Progress = Callable[[int], None]  # called with the number of residues just featurized
 
 
@@ -74,6 +78,83 @@ class OneHotFeaturizer:
         out = np.zeros((len(seqs), self.dim), dtype=np.float32)
         for i, s in enumerate(seqs):
             out[i] = np.bincount(self._lut[np.frombuffer(s.encode(), dtype=np.uint8)], minlength=self.dim) / len(s)
+        if progress:
+            progress(sum(map(len, seqs)))
+        return out
+
+
+def _lookup(alphabet: str) -> np.ndarray:
+    """A byte -> index table (-1 for letters outside `alphabet`)."""
+    lut = np.full(256, -1, dtype=np.int64)
+    for i, c in enumerate(alphabet):
+        lut[ord(c)] = i
+    return lut
+
+
+_RESIDUE_LUT = _lookup(RESIDUES)
+_STANDARD_LUT = _lookup(STANDARD_RESIDUES)
+
+
+class OneHotWindowFeaturizer:
+    """Per residue: the one-hot rows (25 letters, as `onehot`) of residues ``i-W .. i+W`` in that order,
+    flattened to ``(L, (2W+1) * 25)``; positions past either end are zero rows. uint8 (0/1): a tenth of
+    the memory of float32 features."""
+
+    name = "onehot-window"
+    max_length: int | None = None
+
+    def __init__(self, window: int = 7) -> None:
+        if window < 0:
+            raise ConfigError(f"the one-hot window half-width must be >= 0, got {window}")
+        self.window = window
+        self.dim = (2 * window + 1) * len(RESIDUES)
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name, "window": self.window}
+
+    def per_residue(self, seqs: Sequence[str], progress: Progress | None = None) -> list[np.ndarray]:
+        w, out = self.window, []
+        for s in seqs:
+            idx = np.concatenate([np.full(w, -1), _RESIDUE_LUT[np.frombuffer(s.encode(), dtype=np.uint8)],
+                                  np.full(w, -1)])  # fmt: skip
+            win = np.lib.stride_tricks.sliding_window_view(idx, 2 * w + 1)  # [L, 2W+1]: residue i+k-W
+            x = np.zeros((len(s), 2 * w + 1, len(RESIDUES)), dtype=np.uint8)
+            i, k = np.nonzero(win >= 0)
+            x[i, k, win[i, k]] = 1
+            out.append(x.reshape(len(s), self.dim))
+        if progress:
+            progress(sum(map(len, seqs)))
+        return out
+
+    def per_protein(self, seqs: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        raise ConfigError("onehot-window features are per residue; use composition or dipeptide per protein")
+
+
+class DipeptideFeaturizer:
+    """Per protein: 20 amino-acid frequencies (count / length) and 400 dipeptide frequencies (count of the
+    ordered pair ``ab`` of neighbours / (length - 1)), ``[N, 420]``; columns ``a`` then ``a * 20 + b`` over
+    ``ACDEFGHIKLMNPQRSTVWY``. Other letters (X, B, Z, U, O) count in the length but in no column, and
+    pairs containing them in no pair column."""
+
+    name = "dipeptide"
+    dim = 20 + 20 * 20
+    max_length: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name}
+
+    def per_residue(self, seqs: Sequence[str], progress: Progress | None = None) -> list[np.ndarray]:
+        raise ConfigError("dipeptide features are per protein; use onehot or onehot-window per residue")
+
+    def per_protein(self, seqs: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
+        for i, s in enumerate(seqs):
+            idx = _STANDARD_LUT[np.frombuffer(s.encode(), dtype=np.uint8)]
+            out[i, :20] = np.bincount(idx[idx >= 0], minlength=20) / len(s)
+            a, b = idx[:-1], idx[1:]
+            pair = (a >= 0) & (b >= 0)
+            if len(s) > 1:
+                out[i, 20:] = np.bincount(a[pair] * 20 + b[pair], minlength=400) / (len(s) - 1)
         if progress:
             progress(sum(map(len, seqs)))
         return out
@@ -144,7 +225,9 @@ class EmbeddingCache:
 
 class EmbeddingFeaturizer:
     """Frozen-encoder features of a loaded :class:`~prott5nv.api.ProtT5nv`. Proteins longer than the
-    model's limit are truncated to it (counted in :attr:`truncated`)."""
+    model's limit are truncated to it (counted in :attr:`truncated`) or, with `chunk_overlap`, embedded as
+    overlapping windows of the limit stitched back together as ``embed --chunk`` does (counted in
+    :attr:`chunked`; per protein: the mean over the stitched residues)."""
 
     name = "embeddings"
 
@@ -156,15 +239,22 @@ class EmbeddingFeaturizer:
         cache_dir: str | Path | None = None,
         model_name: str = "",
         max_length: int | None = None,
+        chunk_overlap: int | None = None,
     ) -> None:
         self.model = model
         self.dim = model.embedding_dim
         self.batch_tokens = batch_tokens
         self.max_length = length_limit(model.max_length, max_length)
+        self.chunk_overlap = chunk_overlap if self.max_length is not None else None
+        if self.chunk_overlap is not None:
+            from ..inference.chunking import check_chunking
+
+            check_chunking(self.max_length, self.chunk_overlap, self.max_length)  # type: ignore[arg-type]
         self.model_name = model_name or getattr(model, "name", "")
         self._fingerprint: str | None = None
         self.cache = EmbeddingCache(cache_dir, self.fingerprint) if cache_dir else None
         self.truncated = 0
+        self.chunked = 0
 
     @property
     def fingerprint(self) -> str:
@@ -173,20 +263,35 @@ class EmbeddingFeaturizer:
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
+        chunk = {} if self.chunk_overlap is None else {"chunk_overlap": self.chunk_overlap}
         return {"type": self.name, "model": self.model_name, "fingerprint": self.fingerprint,
-                "max_length": self.max_length, "pooling": "mean",
+                "max_length": self.max_length, "pooling": "mean", **chunk,
                 "dtype": str(self.model.dtype).removeprefix("torch.")}  # fmt: skip
+
+    def _long(self, seq: str) -> bool:
+        return self.max_length is not None and len(seq) > self.max_length
 
     def _cut(self, seqs: Sequence[str]) -> list[str]:
         if self.max_length is None:
             return list(seqs)
-        self.truncated = sum(len(s) > self.max_length for s in seqs)
-        if self.truncated:
-            log.info("%d protein(s) longer than %d residues: using their first %d", self.truncated,
-                     self.max_length, self.max_length)  # fmt: skip
+        n = sum(map(self._long, seqs))
+        if self.chunk_overlap is not None:
+            self.chunked = n
+            if n:
+                log.info("%d protein(s) longer than %d residues: embedded in overlapping windows", n, self.max_length)
+            return list(seqs)
+        self.truncated = n
+        if n:
+            log.info("%d protein(s) longer than %d residues: using their first %d", n, self.max_length,
+                     self.max_length)  # fmt: skip
         return [s[: self.max_length] for s in seqs]
 
-    def _compute(self, seqs: list[str], per_residue: bool, progress: Progress | None) -> list[np.ndarray]:
+    def _key(self, seq: str) -> str:
+        """MD5 of the sequence; a chunked protein's key also names the windows (another overlap, another
+        key). A truncating run never stores a protein longer than the limit, so the keys cannot meet."""
+        return sequence_key(f"{seq}:chunk{self.max_length},{self.chunk_overlap}" if self._long(seq) else seq)
+
+    def _embed(self, seqs: list[str], per_residue: bool, progress: Progress | None) -> list[np.ndarray]:
         from ..data.batching import token_budget_batches
 
         tokens = self.model.encode(seqs)
@@ -204,10 +309,33 @@ class EmbeddingFeaturizer:
                 progress(sum(len(seqs[i]) for i in batch))
         return out
 
+    def _compute(self, seqs: list[str], per_residue: bool, progress: Progress | None) -> list[np.ndarray]:
+        """Features of proteins that fit the limit, and of longer ones (only with chunking) from windows."""
+        from ..inference.chunking import chunk_starts, stitch
+
+        long = [i for i, s in enumerate(seqs) if self._long(s)]
+        if not long:
+            return self._embed(seqs, per_residue, progress)
+        short = [i for i, s in enumerate(seqs) if not self._long(s)]
+        out: list[np.ndarray] = [np.empty(0)] * len(seqs)
+        for i, f in zip(short, self._embed([seqs[i] for i in short], per_residue, progress), strict=True):
+            out[i] = f
+        size, windows, starts = self.max_length, [], {}
+        for i in long:
+            starts[i] = chunk_starts(len(seqs[i]), size, self.chunk_overlap)  # type: ignore[arg-type]
+            windows += [seqs[i][a : a + size] for a in starts[i]]  # type: ignore[operator]
+        pieces = iter(self._embed(windows, True, None))
+        for i in long:
+            full = stitch([next(pieces) for _ in starts[i]], starts[i], len(seqs[i]))
+            out[i] = full if per_residue else full.astype(np.float32).mean(0)
+            if progress:
+                progress(len(seqs[i]))
+        return out
+
     def _features(self, seqs: Sequence[str], per_residue: bool, progress: Progress | None) -> list[np.ndarray]:
         seqs = self._cut(seqs)
         kind = "residue" if per_residue else "protein"
-        keys = [sequence_key(s) for s in seqs]
+        keys = [self._key(s) for s in seqs]
         have = self.cache.load(kind, set(keys)) if self.cache else {}
         todo: dict[str, str] = {}
         for k, s in zip(keys, seqs, strict=True):
@@ -232,12 +360,37 @@ class EmbeddingFeaturizer:
         return np.stack(feats).astype(np.float32) if feats else np.zeros((0, self.dim), np.float32)
 
 
-def make_featurizer(kind: str, model: Any = None, **options: Any) -> OneHotFeaturizer | EmbeddingFeaturizer:
-    """`embeddings` (needs `model`), `composition` / `onehot` (no model)."""
+Featurizer = OneHotFeaturizer | OneHotWindowFeaturizer | DipeptideFeaturizer | EmbeddingFeaturizer
+
+
+def make_featurizer(kind: str, model: Any = None, *, window: int = 7, **options: Any) -> Featurizer:
+    """`embeddings` (needs `model`; `options` go to :class:`EmbeddingFeaturizer`), or no model:
+    `composition` / `onehot`, `dipeptide` (composition + dipeptide frequencies), `onehot-window` (one-hot
+    rows of residues i-`window` .. i+`window`)."""
     if kind in ("composition", "onehot"):
         return OneHotFeaturizer(kind)
+    if kind == "dipeptide":
+        return DipeptideFeaturizer()
+    if kind == "onehot-window":
+        return OneHotWindowFeaturizer(window)
     if kind != "embeddings":
-        from ..errors import ConfigError
-
         raise ConfigError(f"unknown features {kind!r}; choose one of {', '.join(FEATURES)}")
     return EmbeddingFeaturizer(model, **options)
+
+
+def save_untrained(model: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> Path:
+    """The network of checkpoint `model` at its own initialisation (``torch.manual_seed(seed)``, then
+    :meth:`T5Model.reset_parameters`: same architecture and tokenizer, no training), saved as a native
+    checkpoint directory `out`: the step-0 baseline a trained model's features must beat. Its weights,
+    hence its embedding-cache fingerprint, differ from the trained model's. (Same initialisation scheme as
+    a fresh pretraining run, not bit-identical to a given run's step 0.)"""
+    import torch
+
+    from ..checkpoint import load_checkpoint, save_pretrained
+
+    net, tokenizer = load_checkpoint(model)
+    torch.manual_seed(seed)
+    net.reset_parameters()
+    extra = {"weights": "untrained: reset_parameters() of the network of the source", "source": str(model),
+             "seed": seed}  # fmt: skip
+    return save_pretrained(net, tokenizer, out, extra=extra)

@@ -76,7 +76,10 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]
 
 def task_metrics(task: Any, y_true: list[Any], y_pred: list[Any]) -> dict[str, Any]:
     """Metrics of encoded labels vs predictions (class indices / values, per protein or per residue;
-    masked residues (-1 / nan) are left out)."""
+    masked residues (-1 / nan) are left out, and so are the residues of a protein past its predictions,
+    e.g. beyond the model's length limit)."""
+    if task.per_residue:
+        y_true = [np.asarray(y)[: len(p)] for y, p in zip(y_true, y_pred, strict=True)]
     if task.classification:
         t = np.concatenate([np.atleast_1d(np.asarray(y, np.int64)) for y in y_true]) if y_true else np.zeros(0, int)
         p = np.concatenate([np.atleast_1d(np.asarray(y, np.int64)) for y in y_pred]) if y_pred else np.zeros(0, int)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
-from .features import EmbeddingFeaturizer, OneHotFeaturizer, make_featurizer
+from .features import EmbeddingFeaturizer, make_featurizer
 from .heads import Head
 from .tasks import Task, label_text
 from .training import FrozenRows, TokenRows, run_net
@@ -161,12 +161,16 @@ def load_predictor(
                 raise ConfigError(f"{desc_path}: the base model was not recorded; pass model=")
             model = load(features["model"], device=device, dtype=dtype or features.get("dtype"))
         featurizer = EmbeddingFeaturizer(model, cache_dir=cache_dir, batch_tokens=batch_tokens, max_length=max_length,
-                                         model_name=features.get("model", ""))  # fmt: skip
+                                         model_name=features.get("model", ""),
+                                         chunk_overlap=features.get("chunk_overlap"))  # fmt: skip
         if featurizer.fingerprint != features.get("fingerprint"):
             raise CheckpointError(
                 f"{run}: the base model {features.get('model') or getattr(model, 'name', '')!r} is not the one this "
                 "predictor was trained on (its weights differ)"
             )
         return Predictor(task, head, featurizer=featurizer, max_length=max_length)
-    feat: OneHotFeaturizer = make_featurizer(features["type"])  # type: ignore[assignment]
+    try:
+        feat = make_featurizer(features["type"], window=features.get("window", 7))
+    except ConfigError as exc:
+        raise CheckpointError(f"{desc_path}: {exc}") from None
     return Predictor(task, head, featurizer=feat)

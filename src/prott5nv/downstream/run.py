@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..fsutil import atomic_directory, atomic_text_file
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
-from .features import make_featurizer
+from .features import PER_PROTEIN_ONLY, PER_RESIDUE_ONLY, make_featurizer
 from .metrics import summary_line, task_metrics
 from .plots import write_plots
 from .predictor import Predictor, load_predictor
@@ -51,6 +51,7 @@ def finetune_task(
     *,
     model: Any = "prott5nv-demo",
     features: str = "embeddings",
+    window: int = 7,
     options: FitOptions | None = None,
     target: Sequence[str] | str | None = None,
     kind: str = "auto",
@@ -71,16 +72,21 @@ def finetune_task(
     progress: ProgressFactory | None = None,
 ) -> RunSummary:
     """Train a predictor for `task_file` and save it in `out`. `model`: a name/path or a loaded
-    :class:`~prott5nv.api.ProtT5nv` (ignored with `features` composition/onehot). `max_train` /
-    `max_eval` keep seeded random subsets of the training / of the val and test rows."""
+    :class:`~prott5nv.api.ProtT5nv` (ignored with the features without a model: composition, dipeptide,
+    onehot, onehot-window, whose half-width is `window`). `max_train` / `max_eval` keep seeded random
+    subsets of the training / of the val and test rows."""
     from ..api import ProtT5nv, load
 
     opts = options or FitOptions()
     data = load_task(task_file, target=target, kind=kind, labels=labels, sequence_column=sequence_column,
                      mask_column=mask_column, split_column=split_column, classes=classes,
                      val_fraction=val_fraction, seed=opts.seed, policy=policy)  # fmt: skip
-    if features == "composition" and data.task.per_residue:
-        raise ConfigError("composition features are per protein; use --features onehot for per-residue tasks")
+    if features in PER_PROTEIN_ONLY and data.task.per_residue:
+        raise ConfigError(f"{features} features are per protein; use --features onehot or onehot-window for "
+                          "per-residue tasks")  # fmt: skip
+    if features in PER_RESIDUE_ONLY and not data.task.per_residue:
+        raise ConfigError(f"{features} features are per residue; use --features composition or dipeptide for "
+                          "per-protein tasks")  # fmt: skip
     if max_train is not None or max_eval is not None:
         data = subsample(data, opts.seed, train=max_train, val=max_eval, test=max_eval)
     counts = data.counts()
@@ -103,7 +109,7 @@ def finetune_task(
     else:
         settings = {"batch_tokens": batch_tokens, "cache_dir": cache_dir, "model_name": model_name,
                     "max_length": max_length}  # fmt: skip
-        featurizer = make_featurizer(features, loaded, **(settings if loaded else {}))
+        featurizer = make_featurizer(features, loaded, window=window, **(settings if loaded else {}))
         update = progress("features", total) if progress else None
         result = fit_frozen(data, featurizer, opts, progress=update)
         predictor = Predictor(data.task, result.head, featurizer=featurizer, max_length=featurizer.max_length)

@@ -624,10 +624,13 @@ class T5Model(nn.Module):
         attention_mask: Tensor | None,
         decoder_input_ids: Tensor,
         decoder_attention_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Teacher-forced logits ``[B, S_dec, vocab]``."""
+        encoder_logits: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Teacher-forced logits ``[B, S_dec, vocab]``; with `encoder_logits`, also the LM head applied to
+        the encoder's states ``[B, S_enc, vocab]`` (pretraining's auxiliary encoder loss)."""
         enc = self.encode(input_ids, attention_mask)
-        return self.lm_logits(self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask))
+        logits = self.lm_logits(self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask))
+        return (logits, self.lm_logits(enc)) if encoder_logits else logits
 
     # ---------------------------------------------------------------------------------------- info
     def num_parameters(self) -> int:

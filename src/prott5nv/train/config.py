@@ -26,6 +26,7 @@ class TrainConfig:
     init_from: str | None = None  # start from these weights (native, .nemo or HF), fresh optimizer
     position_init: str = "normal"  # fresh models: NeMo's normal(std) position table, or "sinusoidal"
     max_steps: int = 1000
+    max_minutes: float | None = None  # also stop (checkpoint, export) after this much training time
     micro_batch_size: int = 12
     accumulate: int = 1
     global_batch_size: int | None = None  # if set: accumulate = global / (micro * world_size)
@@ -44,6 +45,8 @@ class TrainConfig:
     mean_span_length: float = 1.0
     objective: str = "span"  # span (ProtT5nv's T5 span corruption), denoise (Rostlab's), mixed (see data/masking)
     denoise_fraction: float = 0.5  # mixed: share of samples denoised
+    encoder_loss_weight: float = 0.0  # denoise samples: + weight x cross-entropy of the corrupted residues
+    # predicted from the encoder's own states through the tied LM head (no new parameters)
     seed: int = 1234
     val_every: int = 200
     val_samples: int = 1000  # validation sequences used (the first N of the val split)
@@ -60,6 +63,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # YAML gives lists
         if self.position_init not in POSITION_INITS:
             raise ConfigError(f"position_init {self.position_init!r}: choose one of {', '.join(POSITION_INITS)}")
+        if self.encoder_loss_weight < 0:
+            raise ConfigError(f"encoder_loss_weight must be >= 0, got {self.encoder_loss_weight}")
+        if self.encoder_loss_weight > 0 and self.objective == "span":
+            raise ConfigError("encoder_loss_weight needs samples corrupted in place: --objective denoise or mixed")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.precision not in PRECISIONS:
@@ -68,6 +75,8 @@ class TrainConfig:
                      "log_every", "val_samples", "probe_every"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:

@@ -137,15 +137,24 @@ class _EpochStream:
             epoch, offset = epoch + 1, 0
 
 
-def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the target tokens of a batch, and their count."""
-    logits = model(
-        batch["text_enc"].to(device), batch["enc_mask"].to(device), batch["text_dec"].to(device)
-    )
+def _batch_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, encoder_loss: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the decoder's target tokens of a batch and, with `encoder_loss`, over
+    the residues corrupted in place predicted from the encoder's own states (else 0)."""
+    out = model(
+        batch["text_enc"].to(device), batch["enc_mask"].to(device), batch["text_dec"].to(device),
+        encoder_logits=encoder_loss,
+    )  # fmt: skip
+    logits, enc_logits = out if encoder_loss else (out, None)
     labels = batch["labels"].to(device)
     mask = batch["loss_mask"].to(device).float()
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (ce * mask.flatten()).sum(), int(mask.sum())
+    enc_ce = logits.new_zeros((), dtype=torch.float32)
+    if enc_logits is not None:
+        enc_labels = batch["encoder_labels"].to(device)
+        enc_ce = F.cross_entropy(enc_logits.float().flatten(0, 1), enc_labels.flatten(), reduction="sum")
+    return (ce * mask.flatten()).sum(), enc_ce
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -315,6 +324,13 @@ class Pretrainer:
         if self.info.enabled:
             torch.distributed.barrier()
 
+    def _out_of_time(self, start: float) -> bool:
+        """Whether this invocation has trained for `max_minutes` (on any rank: all ranks stop together)."""
+        if self.cfg.max_minutes is None:
+            return False
+        late = torch.tensor([float(time.perf_counter() - start > 60 * self.cfg.max_minutes)], dtype=torch.float64)
+        return bool(all_reduce_sum(late, self.info).item() > 0)
+
     # ---------------------------------------------------------------------------------------- run
     def train(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
         cfg = self.cfg
@@ -334,19 +350,23 @@ class Pretrainer:
                 micro = [next(batches) for _ in range(self.accumulate)]
                 counts = torch.tensor(
                     [sum(int(b["loss_mask"].sum()) for b in micro),
-                     sum(int(b["enc_mask"].sum()) + int(b["loss_mask"].sum()) for b in micro)],
+                     sum(int(b["enc_mask"].sum()) + int(b["loss_mask"].sum()) for b in micro),
+                     sum(int((b["encoder_labels"] >= 0).sum()) for b in micro)],
                     dtype=torch.float64,
                 )  # fmt: skip
                 counts = all_reduce_sum(counts, self.info)
-                n_targets = float(counts[0])
-                ce_total = torch.zeros((), dtype=torch.float64)
+                n_targets, n_enc = float(counts[0]), float(counts[2])
+                use_enc = cfg.encoder_loss_weight > 0 and n_enc > 0
+                ce_total = torch.zeros(2, dtype=torch.float64)
                 for i, batch in enumerate(micro):
                     sync = self.ddp is None or i == len(micro) - 1
                     with contextlib.nullcontext() if sync else self.ddp.no_sync(), self._autocast():
-                        ce_sum, _ = _batch_loss(net, batch, self.device)
+                        ce_sum, enc_sum = _batch_loss(net, batch, self.device, use_enc)
                     scaled = ce_sum * (self.info.world_size / n_targets)
+                    if use_enc:
+                        scaled = scaled + enc_sum * (cfg.encoder_loss_weight * self.info.world_size / n_enc)
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                    ce_total += ce_sum.detach().double().cpu()
+                    ce_total += torch.stack([ce_sum.detach(), enc_sum.detach()]).double().cpu()
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
@@ -360,7 +380,9 @@ class Pretrainer:
                 self.step += 1
                 self.consumed += self.global_batch_size
                 self.tokens += int(counts[1])
-                loss = float(all_reduce_sum(ce_total, self.info) / n_targets)
+                ce_total = all_reduce_sum(ce_total, self.info)
+                loss = float(ce_total[0] / n_targets)
+                enc_loss = float(ce_total[1] / n_enc) if use_enc else None
                 if not math.isfinite(loss) and self.scaler is None:
                     raise FloatingPointError(f"loss is {loss} at step {self.step}")
                 row: dict[str, Any] | None = None
@@ -370,6 +392,8 @@ class Pretrainer:
                     last_log = (now, self.tokens)
                     row = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm,
                            "consumed_samples": self.consumed, "tokens": self.tokens}  # fmt: skip
+                    if enc_loss is not None:
+                        row["encoder_loss"] = enc_loss
                     self._log(row)
                 if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
                     val = self.validate()
@@ -381,6 +405,11 @@ class Pretrainer:
                     self._save()
                 if on_step is not None:
                     on_step({"step": self.step, "loss": loss, "lr": lr, **(row or {}), **(val or {})})
+                if self._out_of_time(start) and self.step < cfg.max_steps:
+                    log.info("stopping at step %d: --max-minutes %s reached", self.step, cfg.max_minutes)
+                    if self.step % cfg.save_every:
+                        self._save()
+                    break
             model_dir = self.run_dir / "model"
             if self.info.is_main:
                 extra = {"trained_steps": self.step, "tokens": self.tokens, "data": cfg.data,
