@@ -2,7 +2,7 @@
 
 A random-weight HF `T5EncoderModel` of ProtT5nv's size (d_model 768, 12 heads of 64, d_ff 3072, 12
 layers, ReLU, vocabulary 128) is saved to a temporary directory and loaded into prott5nv's `t5` family
-with `prott5nv.interop.hf.load_hf` (transformers cannot run ProtT5nv's own `megatron` family), so every
+with `prott5nv.checkpoint.hf.load_hf` (transformers cannot run ProtT5nv's own `megatron` family), so every
 contender runs identical weights on identical token ids (Rostlab layout, `</s>` appended). Proteins:
 the first N of at most 512 residues in /work/shared/data/swissprot_dev_100k.fasta.gz (real Swiss-Prot).
 
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from prott5nv.api import ProtT5nv
+from prott5nv.checkpoint.hf import load_hf
 from prott5nv.data.batching import token_budget_batches
 from prott5nv.fasta import read_fasta, write_fasta
 from prott5nv.inference.embed import EmbedOptions, embed_fasta
-from prott5nv.interop.hf import load_hf
 
 DATA = Path("/work/shared/data/swissprot_dev_100k.fasta.gz")
 D_MODEL, HEADS, D_KV, D_FF, LAYERS = 768, 12, 64, 3072, 12

@@ -2,7 +2,7 @@
 
 A random-weight HF `T5ForConditionalGeneration` of ProtT5nv's size (d_model 768, 12 heads of 64, d_ff
 3072, 12+12 layers, ReLU, vocabulary 128) is saved to a temporary directory and loaded into prott5nv's
-`t5` family with `prott5nv.interop.hf.load_hf` (ProtT5nv's own `megatron` family is a layout
+`t5` family with `prott5nv.checkpoint.hf.load_hf` (ProtT5nv's own `megatron` family is a layout
 transformers cannot run). Both decode the same real proteins (Swiss-Prot, tests/data) in one batch,
 greedy and with 4 beams; in fp32 the greedy token ids must be identical. Decoded tokens = tokens of the
 returned sequences up to and including EOS (the same count for both, as the outputs agree); the time
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from prott5nv.api import ProtT5nv
+from prott5nv.checkpoint.hf import load_hf
 from prott5nv.fasta import read_fasta
-from prott5nv.interop.hf import load_hf
 from prott5nv.model.generate import GenerationConfig, generate
 
 SWISSPROT = Path(__file__).resolve().parents[1] / "tests" / "data" / "swissprot_3k.fasta.gz"

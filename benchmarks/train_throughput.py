@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from prott5nv.checkpoint.hf import load_hf
 from prott5nv.data.masking import T5Masker, collate_t5
 from prott5nv.fasta import read_fasta
-from prott5nv.interop.hf import load_hf
 from prott5nv.model.config import T5Config, preset
+from prott5nv.model.fast import apply_speedups
 from prott5nv.model.t5 import T5Model
 from prott5nv.tokenizer import ProteinTokenizer
 from prott5nv.train.trainer import set_dropout
@@ -134,14 +135,14 @@ def run_preset(name: str, batches: list[Batch], args: argparse.Namespace, device
     for precision, dropout in itertools.product(args.precisions, args.dropouts):
         dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
         torch.manual_seed(0)
-        ours = T5Model(cfg)
+        ours = apply_speedups(T5Model(cfg))
         set_dropout(ours, dropout)
         hf = hf_model(cfg, dropout)
         trainees = [Trainee("prott5nv", ours, ours_forward, device), Trainee("transformers", hf, hf_forward, device)]
         if args.like_for_like:
             with tempfile.TemporaryDirectory() as tmp:
                 hf.save_pretrained(tmp)
-                twin, _ = load_hf(tmp)
+                twin = apply_speedups(load_hf(tmp)[0])
             set_dropout(twin, dropout)
             trainees.append(Trainee("prott5nv-t5", twin, ours_forward, device))
         for t in trainees:  # warm-up (allocator, kernels, optimizer state)

@@ -230,11 +230,11 @@ def test_dataset_with_workers_matches_single_process(built) -> None:
 def test_small_units_and_flushes_give_the_same_store(built, inputs, tmp_path, monkeypatch, parser) -> None:
     """Many FASTA units, many hash-partition flushes and split chunks, with either FASTA parser (the C
     accelerator or the numpy path that replaces it): the same bytes as one big step."""
-    from prott5nv import fasta
+    from prott5nv.data import fastscan
 
     if parser == "numpy":
-        monkeypatch.setattr(fasta, "_fastscan", None)
-    monkeypatch.setattr(fasta, "_CHUNK", 4096)
+        monkeypatch.setattr(fastscan, "_fastscan", None)
+    monkeypatch.setattr(fastscan, "_CHUNK", 4096)
     monkeypatch.setattr(pp._HashPartitions, "_FLUSH", 300)
     monkeypatch.setattr(pp, "_CHUNK_RECORDS", 257)
     data, manifest = built
@@ -290,7 +290,7 @@ def test_preprocess_imports_no_torch() -> None:
     code = ("import sys, prott5nv.cli, prott5nv.cli.preprocess, prott5nv.data.preprocess; prott5nv.cli.build_parser(); "
             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
-    from prott5nv.api import DTYPES
     from prott5nv.cli.common import DTYPE_NAMES
+    from prott5nv.device import DTYPES
 
     assert DTYPE_NAMES == tuple(DTYPES)

@@ -24,7 +24,7 @@ from conftest import SWISSPROT, TEST_DATA
 from prott5nv.cli import main
 from prott5nv.downstream import FitOptions, finetune_task, load_predictor, load_task
 from prott5nv.downstream.metrics import classification_metrics, rankdata, regression_metrics
-from prott5nv.errors import ProtT5nvError
+from prott5nv.errors import ConfigError, ProtT5nvError
 from prott5nv.fasta import read_fasta
 
 LOCALIZATION = TEST_DATA / "localization_600.csv.gz"
@@ -310,6 +310,7 @@ def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ pretraining probe
 def test_pretraining_probe_logs_rows(tmp_path):
     from prott5nv.data.preprocess import PreprocessConfig, preprocess
+    from prott5nv.downstream.probe import PretrainProbe
     from prott5nv.train.config import TrainConfig
     from prott5nv.train.trainer import Pretrainer
 
@@ -321,14 +322,17 @@ def test_pretraining_probe_logs_rows(tmp_path):
     settings = dict(data=str(data), preset="tiny", max_steps=4, micro_batch_size=4, seq_length=64, seq_length_dec=24,
                     val_every=4, val_samples=8, save_every=4, log_every=2, device="cpu", threads=1)  # fmt: skip
     rows = {}
+    with pytest.raises(ConfigError, match="probe_task needs a probe"):  # the trainer never imports downstream
+        Pretrainer(TrainConfig(out=str(tmp_path / "no"), **settings, probe_task=str(probe)))
     for name, probing in (("probed", {"probe_task": str(probe), "probe_every": 2}), ("plain", {})):
-        trainer = Pretrainer(TrainConfig(out=str(tmp_path / name), **settings, **probing))
+        cfg = TrainConfig(out=str(tmp_path / name), **settings, **probing)
+        # as `prott5nv pretrain --probe-task` does: the CLI builds the probe and passes it in
+        trainer = Pretrainer(cfg, probe=PretrainProbe(cfg.probe_task, seed=cfg.seed) if cfg.probe_task else None)
         trainer.train()
         assert trainer.model.training
         rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     probes = [r for r in rows["probed"] if "probe_accuracy" in r]
     assert [r["step"] for r in probes] == [0, 2, 4]  # step 0: the untrained network, before any update
-    from prott5nv.downstream.probe import PretrainProbe
     from prott5nv.train.trainer import build_model
 
     cfg = TrainConfig(out=str(tmp_path / "x"), **settings)

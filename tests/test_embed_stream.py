@@ -19,8 +19,8 @@ import torch
 from conftest import DEMO_DIM, PROTEOME, SAMPLE_FASTA, SWISSPROT
 
 import prott5nv
-from prott5nv.api import bf16_supported, resolve_dtype
 from prott5nv.cli import main
+from prott5nv.device import bf16_supported, resolve_dtype
 from prott5nv.fasta import write_fasta
 from prott5nv.inference.chunking import chunk_starts, owners
 from prott5nv.inference.embed import EmbedOptions, embed_fasta

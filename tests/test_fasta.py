@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prott5nv import fasta
+from prott5nv.data import fastscan
 from prott5nv.errors import FastaFormatError, InvalidSequenceError
 from prott5nv.fasta import FastaReader, read_fasta
 from prott5nv.sequence import SequencePolicy
@@ -27,7 +27,7 @@ def parser(request, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs twice: with the C accelerator (the default where it was built) and with the
     numpy path that replaces it where no compiler was available."""
     if request.param == "numpy":
-        monkeypatch.setattr(fasta, "_fastscan", None)
+        monkeypatch.setattr(fastscan, "_fastscan", None)
     return request.param
 
 
@@ -94,7 +94,7 @@ def test_block_boundaries_anywhere(
     path = swissprot_2k.parent / f"head_{chunk}.fa"
     path.write_bytes(head)
     expected = plain_parse(path)
-    monkeypatch.setattr(fasta, "_CHUNK", chunk)
+    monkeypatch.setattr(fastscan, "_CHUNK", chunk)
     assert records(path) == expected
 
 
@@ -196,7 +196,7 @@ def test_on_read_sees_raw_bytes(swissprot_2k: Path, tmp_path: Path) -> None:
 
 
 def test_blocks_across_many_units(first_records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fasta, "_CHUNK", 300)  # many units: errors must still count lines across them
+    monkeypatch.setattr(fastscan, "_CHUNK", 300)  # many units: errors must still count lines across them
     path, rid = bad_file(first_records, tmp_path, lambda s: s)
     blocks = list(FastaReader(path).blocks())
     assert len(blocks) > 3 and all(b.descriptions is None for b in blocks)
@@ -230,7 +230,7 @@ def variants(first_records) -> dict[str, str]:
 
 @pytest.mark.parametrize("chunk", [64, 1000, 1 << 20])
 def test_layouts_match_naive_parse(first_records, naive_fasta, tmp_path: Path, monkeypatch, chunk: int) -> None:
-    monkeypatch.setattr(fasta, "_CHUNK", chunk)
+    monkeypatch.setattr(fastscan, "_CHUNK", chunk)
     for name, text in variants(first_records).items():
         path = write(tmp_path / f"{name}.fa", text)
         got = list(read_fasta(path))
@@ -251,7 +251,7 @@ def test_common_files_take_the_whole_array_path(swissprot_2k: Path, monkeypatch:
         raise AssertionError("careful path used")
 
     monkeypatch.setattr(FastaReader, "_parse", refuse)
-    monkeypatch.setattr(fasta, "_CHUNK", 1 << 16)  # several units
+    monkeypatch.setattr(fastscan, "_CHUNK", 1 << 16)  # several units
     blocks = list(FastaReader(swissprot_2k).blocks())
     assert len(blocks) > 3 and sum(map(len, blocks)) == 2000
 
@@ -259,7 +259,7 @@ def test_common_files_take_the_whole_array_path(swissprot_2k: Path, monkeypatch:
 def test_bad_record_in_a_later_unit_names_its_line(
     first_records, naive_fasta, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fasta, "_CHUNK", 700)
+    monkeypatch.setattr(fastscan, "_CHUNK", 700)
     text = "".join(f">{r} x\n{s[:60]}\n{s[60:]}\n" for r, s, _ in first_records)
     path = write(tmp_path / "late.fa", text.replace(first_records[17][1][60:70], first_records[17][1][60:65] + ">" +
                                                     first_records[17][1][66:70]))  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from prott5nv import fasta
+from prott5nv.data import fastscan
 from prott5nv.errors import FastaFormatError, InvalidSequenceError
 from prott5nv.fasta import FastaReader
 from prott5nv.sequence import SequencePolicy
@@ -50,7 +51,7 @@ def test_c_and_numpy_paths_agree_on_mutated_files(real_proteins, tmp_path: Path,
             return got, reader.skipped, reader.skipped_messages
 
         with_c = parse()
-        monkeypatch.setattr(fasta, "_fastscan", None)
+        monkeypatch.setattr(fastscan, "_fastscan", None)
         assert parse() == with_c, trial
         monkeypatch.undo()
         outcomes["error" if with_c[0] == "error" else "skipped" if with_c[1] else "clean"] += 1
@@ -62,7 +63,7 @@ def test_gzip_with_either_inflater(swissprot_2k: Path, tmp_path: Path, monkeypat
     """gzip input reads the same through ISA-L (the `isal` extra, installed with the test extras) and
     through the standard library; truncated or damaged data is a clear error naming the file."""
     if inflate == "zlib":
-        monkeypatch.setattr(fasta, "_igzip", None)
+        monkeypatch.setattr(fastscan, "_igzip", None)
     else:
         from isal import igzip  # noqa: F401 - the test extras install it: fail if they did not
 

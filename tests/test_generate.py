@@ -11,12 +11,8 @@ from prott5nv.api import ProtT5nv
 from prott5nv.checkpoint import save_pretrained
 from prott5nv.cli import main
 from prott5nv.errors import ConfigError, InvalidSequenceError, ProtT5nvError
-from prott5nv.model.generate import (
-    STANDARD_RESIDUES,
-    GenerationConfig,
-    generate,
-    parse_masked,
-)
+from prott5nv.inference.infill import STANDARD_RESIDUES, parse_masked
+from prott5nv.model.generate import GenerationConfig, generate
 from prott5nv.tokenizer import ProteinTokenizer
 
 N_NEW = 24
@@ -43,7 +39,7 @@ def hf_pair(tmp_path_factory):
     that hypotheses end at different lengths (exercises EOS handling and beam bookkeeping)."""
     import transformers
 
-    from prott5nv.interop import hf as hf_interop
+    from prott5nv.checkpoint import hf as hf_interop
 
     torch.manual_seed(1)
     cfg = transformers.T5Config(
@@ -116,13 +112,13 @@ def test_speculative_greedy_equals_one_token_per_pass(tiny_model, hf_pair, promp
     """Greedy on CPU fp32 is speculative by default (a bf16 draft proposes, the model verifies): the same
     tokens, lengths and log-probs as one token per pass, with rows ending at EOS at different steps and
     max_new_tokens not a multiple of draft_tokens."""
-    from prott5nv.model import generate as gen
+    from prott5nv.model.decoding import Stepper
 
     model = tiny_model if which == "megatron" else hf_pair[1]
     passes = []
-    feed = gen._Decoder.feed
+    feed = Stepper.feed
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gen._Decoder, "feed", lambda self, t: passes.append(self.model) or feed(self, t))
+        mp.setattr(Stepper, "feed", lambda self, t: passes.append(self.model) or feed(self, t))
         fast = run(model, prompts, max_new_tokens=N_NEW + 1, draft_tokens=draft_tokens)
     plain = run(model, prompts, max_new_tokens=N_NEW + 1, speculative=False)
     assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.lengths, plain.lengths)
@@ -138,7 +134,7 @@ def test_draft_model_is_kept_until_the_weights_change(tiny_model, prompts, monke
     """The draft is int8 (dynamic quantization) or, where PyTorch cannot quantize or its quantized
     kernels do not run, bf16; either way it has no encoder, is reused while the weights stay, and
     speculative greedy still equals plain greedy."""
-    from prott5nv.model import generate as gen
+    from prott5nv.model import speculative as gen
 
     if kind == "bf16":
         monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", lambda *a, **k: 1 / 0)

@@ -1,4 +1,4 @@
-"""Tokenizer id tables against SPEC.md §1 and §4, and the input policy of §8."""
+"""Tokenizer id tables against docs/vocabulary.md, and the input policy of docs/inputs.md."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from prott5nv.errors import ConfigError, InvalidSequenceError
 from prott5nv.sequence import SequencePolicy, clean_sequence
 from prott5nv.tokenizer import ProteinTokenizer
 
-# SPEC.md §1, written out independently of the implementation.
+# docs/vocabulary.md (ProtT5nv), written out independently of the implementation.
 SPEC_PROTT5NV = {
     0: "<unk>", 1: "<s>", 2: "</s>", 3: "<pad>", 4: "<mask>", 5: "L", 6: "A", 7: "S", 8: "G", 9: "V",
     10: "E", 11: "R", 12: "T", 13: "D", 14: "I", 15: "P", 16: "K", 17: "N", 18: "F", 19: "Q", 20: "Y",
     21: "H", 22: "M", 23: "C", 24: "W", 25: "X", 26: "B", 27: "Z", 28: "U", 29: "O", 30: "<cls>", 31: "<sep>",
 }  # fmt: skip
-# SPEC.md §4
+# docs/vocabulary.md (Rostlab)
 SPEC_ROSTLAB = {
     0: "<pad>", 1: "</s>", 2: "<unk>", 3: "A", 4: "L", 5: "G", 6: "V", 7: "S", 8: "R", 9: "E", 10: "D",
     11: "T", 12: "I", 13: "P", 14: "K", 15: "F", 16: "Q", 17: "N", 18: "Y", 19: "M", 20: "H", 21: "W",

@@ -22,54 +22,12 @@ import torch
 from torch import Tensor
 
 from .checkpoint import load_checkpoint
+from .device import resolve_device, resolve_dtype
 from .errors import ConfigError, SequenceTooLongError
+from .model.fast import apply_speedups
 from .model.t5 import T5Model
 from .sequence import DEFAULT_POLICY, SequencePolicy
 from .tokenizer import ProteinTokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None`/"auto": CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"invalid device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    return dev
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 matrix multiplies are native (fast) on `device`: CUDA with bf16, or a CPU with
-    AVX512-BF16 / AMX as oneDNN reports it."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Compute precision. fp16 is refused on CPU, where PyTorch's half kernels are missing or slow;
-    "auto" is bfloat16 where :func:`bf16_supported`, else float32."""
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        return torch.bfloat16 if bf16_supported(device) else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError("float16 is not supported on CPU; use bfloat16 (the CPU half precision)")
-    return dtype
 
 
 def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -96,7 +54,7 @@ class ProtT5nv:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = model.to(self.device).eval()
+        self.model = apply_speedups(model.to(self.device).eval())
         if self.dtype != torch.float32:
             cast_weights(self.model, self.dtype)
         self.tokenizer = tokenizer
@@ -198,9 +156,10 @@ class ProtT5nv:
         return self.hiddens_to_embedding(*self.seqs_to_hiddens(seqs, ids, policy))
 
     # --------------------------------------------------------------------------------- decoding
-    # Generation, infilling and decoding from hidden states; the work is done in model/generate.py.
+    # Generation, infilling and decoding from hidden states; the work is done in model/generate.py and
+    # inference/infill.py (the masked-text protocol).
     def _masked_batch(self, seqs: Sequence[str] | str, ids: Sequence[str] | None, policy: SequencePolicy):
-        from .model.generate import parse_masked
+        from .inference.infill import parse_masked
 
         seqs = [seqs] if isinstance(seqs, str) else list(seqs)
         if not seqs:
@@ -228,9 +187,10 @@ class ProtT5nv:
         """Decode the T5 target of each (possibly masked, ``<mask>`` / ``<mask:K>``) protein: greedy by
         default; `settings` are :class:`~prott5nv.model.generate.GenerationConfig` fields (num_beams,
         do_sample, temperature, top_k, top_p, max_new_tokens, ...). Returns ``num_return_sequences``
-        :class:`~prott5nv.model.generate.Generated` per input, in input order."""
-        from .interop.nemo import require_distinct_sentinels
-        from .model.generate import GenerationConfig, describe_targets, generate
+        :class:`~prott5nv.inference.infill.Generated` per input, in input order."""
+        from .inference.infill import describe_targets
+        from .model.generate import GenerationConfig, generate
+        from .tokenizer import require_distinct_sentinels
 
         masked, (input_ids, attn) = self._masked_batch(seqs, ids, policy)
         if any(m.spans for m in masked):
@@ -254,8 +214,8 @@ class ProtT5nv:
     ) -> list:
         """Fill every ``<mask>`` (one residue) / ``<mask:K>`` (K residues) with valid residues by
         constrained sentinel decoding; `num_samples` complete sequences per input (sampled, seeded by
-        `seed`, when > 1). Returns one :class:`~prott5nv.model.generate.InfillResult` per input."""
-        from .model.generate import infill
+        `seed`, when > 1). Returns one :class:`~prott5nv.inference.infill.InfillResult` per input."""
+        from .inference.infill import infill
 
         masked, (input_ids, attn) = self._masked_batch(seqs, ids, policy)
         with self._precision():
@@ -266,7 +226,8 @@ class ProtT5nv:
         """Decode from encoder states ``[B, L, D]`` and their mask (as :meth:`seqs_to_hiddens` returns):
         the decoded T5 target of each, sentinels shown as ``<extra_id_N>`` (BioNeMo's name, never
         implemented there). `settings` as in :meth:`generate`."""
-        from .model.generate import GenerationConfig, generate, target_text
+        from .inference.infill import target_text
+        from .model.generate import GenerationConfig, generate
 
         tok = self.tokenizer
         with self._precision():

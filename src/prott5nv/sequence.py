@@ -1,4 +1,4 @@
-"""The residue alphabet and the input policy of SPEC.md §8, applied to one raw sequence string.
+"""The residue alphabet and the input policy of docs/inputs.md, applied to one raw sequence string.
 
 Owned here so that FASTA reading, the tokenizer, the API and the server all clean sequences the same way.
 """

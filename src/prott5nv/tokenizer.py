@@ -4,12 +4,12 @@ One residue = one token. The tokenizer works on cleaned sequences (see :mod:`pro
 strings pass through :func:`~prott5nv.sequence.clean_sequence` first, so case, whitespace and a trailing
 `*` are handled the same everywhere.
 
-ProtT5nv layout (SPEC.md §1): ids 0-29 are the SentencePiece pieces, `<cls>` 30, `<sep>` 31, sentinels
+ProtT5nv layout (docs/vocabulary.md): ids 0-29 are the SentencePiece pieces, `<cls>` 30, `<sep>` 31, sentinels
 `<extra_id_0..95>` 32-127 (``sentinels="distinct"``) -- or, as NeMo >= 1.13 built it for this
 character-level model, every sentinel collapsed onto `<unk>` 0 (``sentinels="collapsed"``). The
 encoder input has no BOS/EOS.
 
-Rostlab layout (SPEC.md §4): `<pad>` 0, `</s>` 1, `<unk>` 2, residues by frequency from 3, and
+Rostlab layout (docs/vocabulary.md): `<pad>` 0, `</s>` 1, `<unk>` 2, residues by frequency from 3, and
 `<extra_id_N>` = 127 - N. U, Z, O (and B by default) are mapped to X, and the encoder input ends with `</s>`.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InvalidSequenceError
+from .errors import CheckpointError, ConfigError, InvalidSequenceError
 from .sequence import DEFAULT_POLICY, RESIDUES, SequencePolicy, clean_sequence
 
 PROTT5NV_PIECES = (
@@ -40,7 +40,7 @@ LAYOUTS = ("prott5nv", "rostlab")
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 
 
-def _pad_to_multiple(n: int, multiple: int) -> int:
+def pad_to_multiple(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
@@ -74,7 +74,7 @@ class ProteinTokenizer:
             self.add_eos = False
         elif self.layout == "rostlab":
             tokens = list(ROSTLAB_PIECES)
-            base = _pad_to_multiple(len(tokens) + self.num_sentinels, self.make_vocab_size_divisible_by)
+            base = pad_to_multiple(len(tokens) + self.num_sentinels, self.make_vocab_size_divisible_by)
             tokens += [f"<pad_{i}>" for i in range(base - len(tokens))]
             # <extra_id_N> = vocab - 1 - N: the last ids, counting down (HF T5Tokenizer convention).
             self.sentinel_ids = [base - 1 - i for i in range(self.num_sentinels)]
@@ -85,7 +85,7 @@ class ProteinTokenizer:
             self.add_eos = True
         else:
             raise ConfigError(f"unknown tokenizer layout {self.layout!r}; choose one of {LAYOUTS}")
-        self.vocab_size = _pad_to_multiple(len(tokens), self.make_vocab_size_divisible_by)
+        self.vocab_size = pad_to_multiple(len(tokens), self.make_vocab_size_divisible_by)
         tokens += [f"<unused_{i}>" for i in range(self.vocab_size - len(tokens))]
         self.tokens = tokens
         self._ids = {t: i for i, t in enumerate(tokens) if not t.startswith("<unused_")}
@@ -157,7 +157,7 @@ class ProteinTokenizer:
         *,
         add_special_tokens: bool = True,
     ) -> np.ndarray:
-        """Clean `seq` (SPEC.md §8) and return its encoder input ids (int64). With `add_special_tokens`,
+        """Clean `seq` (docs/inputs.md) and return its encoder input ids (int64). With `add_special_tokens`,
         Rostlab models get their trailing `</s>`; ProtT5nv input never has BOS/EOS."""
         ids = self.encode_residues(clean_sequence(seq, record_id, policy), record_id)
         if add_special_tokens and self.add_eos:
@@ -190,3 +190,21 @@ class ProteinTokenizer:
 
     def sentinel(self, n: int) -> int:
         return self.sentinel_ids[n]
+
+
+def require_distinct_sentinels(tokenizer: ProteinTokenizer, task: str) -> None:
+    """Refuse `task` (e.g. "score", "generate") when the tokenizer's sentinels all share one id.
+
+    With the collapsed layout (NeMo >= 1.13) every ``<extra_id_N>`` is ``<unk>``: the model was never told
+    which masked span is which, so span infilling, per-span scoring and sentinel-driven generation are
+    meaningless. Embeddings (encoder hidden states of unmasked proteins) are unaffected.
+    """
+    if tokenizer.has_distinct_sentinels:
+        return
+    raise CheckpointError(
+        f"{task}: this checkpoint's tokenizer maps all {tokenizer.num_sentinels} sentinel tokens "
+        "<extra_id_N> onto <unk> (the layout NeMo >= 1.13 builds for ProtT5nv), so the model cannot tell "
+        f"masked spans apart and {task} would give meaningless results. Embeddings still work. If you know "
+        "the checkpoint was trained with distinct sentinel ids 32-127 (NeMo <= 1.12), load it with "
+        "load_nemo(path, sentinels='distinct')."
+    )

@@ -10,7 +10,7 @@ from ..sequence import SequencePolicy
 if TYPE_CHECKING:  # the model stack (torch) is imported by the commands that run a model, when they run
     from ..api import ProtT5nv
 
-#: The names of :data:`prott5nv.api.DTYPES`, without importing torch to build the command line.
+#: The names of :data:`prott5nv.device.DTYPES`, without importing torch to build the command line.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 

@@ -32,9 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import DTYPES
     from ..checkpoint import load_checkpoint, provenance, save_pretrained
-    from ..interop.hf import save_hf
+    from ..checkpoint.hf import save_hf
+    from ..device import DTYPES
 
     dst: Path = args.dst
     if dst.exists() and not args.overwrite:

@@ -100,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
     from ..train.trainer import Pretrainer
 
     cfg = build_config(args)
-    trainer = Pretrainer(cfg, resume=True if args.resume else None)
+    probe = None
+    if cfg.probe_task:
+        from ..downstream.probe import PretrainProbe
+
+        probe = PretrainProbe(cfg.probe_task, seed=cfg.seed)
+    trainer = Pretrainer(cfg, resume=True if args.resume else None, probe=probe)
     try:
         show = trainer.info.is_main
         bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="pretrain", unit="step", disable=not show,

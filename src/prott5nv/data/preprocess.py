@@ -43,10 +43,10 @@ from .store import (
     MANIFEST,
     SEQUENCES,
     SPLITS,
+    Int64Spool,
+    NpyWriter,
     SequenceStore,
     StoreWriter,
-    _Int64Spool,
-    _NpyWriter,
     read_npy_chunks,
 )
 
@@ -248,7 +248,7 @@ def _build(
     t0 = time.perf_counter()
     work = tmp / "_work"
     work.mkdir()
-    lines = _Int64Spool(work / "lines")  # header line of each stored record (for messages)
+    lines = Int64Spool(work / "lines")  # header line of each stored record (for messages)
     first_record = [0]  # stored records of file i: first_record[i] .. first_record[i + 1] - 1
     id_hashes = _HashPartitions(work, "id_hash")
     seq_hashes = _HashPartitions(work, "seq_hash") if cfg.dedup else None
@@ -291,7 +291,7 @@ def _build(
     keep = np.ones(n_all, bool)
     line_of = lines.close()
 
-    # Duplicate ids are input errors (SPEC.md §8); with skip_invalid the later record is dropped.
+    # Duplicate ids are input errors (docs/inputs.md); with skip_invalid the later record is dropped.
     same_id = lambda i, j: everything.id(i) == everything.id(j)  # noqa: E731
     found, pairs = id_hashes.duplicates(same_id, keep, 100 if cfg.skip_invalid else 1)
     for first, later in pairs:
@@ -349,7 +349,7 @@ def _write_splits(offsets: Path, labels: np.ndarray, out: Path) -> dict[str, dic
     """Write ``{split}.npy`` (sorted record numbers; label -1 = dropped) and each split's statistics,
     reading the record lengths from `offsets` chunk by chunk."""
     edges = HIST_MAX // HIST_BIN
-    writers = [_NpyWriter(out / f"{name}.npy", int(np.count_nonzero(labels == code))) for code, name in
+    writers = [NpyWriter(out / f"{name}.npy", int(np.count_nonzero(labels == code))) for code, name in
                enumerate(SPLITS)]  # fmt: skip
     hists = [np.zeros(edges + 1, np.int64) for _ in SPLITS]
     residues, low, high = [0] * len(SPLITS), [np.iinfo(np.int64).max] * len(SPLITS), [0] * len(SPLITS)

@@ -45,7 +45,7 @@ def _memmap(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-class _Int64Spool:
+class Int64Spool:
     """Append int64 values to a raw file (memory does not grow with the count); read back as a memory map."""
 
     def __init__(self, path: Path):
@@ -66,7 +66,7 @@ class _Int64Spool:
         return np.memmap(self.path, dtype=np.int64, mode="r")
 
 
-class _NpyWriter:
+class NpyWriter:
     """Write a 1-D int64 ``.npy`` of known length chunk by chunk through a file, not a memory map, so
     that the resident set stays one chunk however long the array."""
 

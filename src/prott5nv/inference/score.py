@@ -47,8 +47,8 @@ from ..data.masking import T5Masker, T5Sample, collate_t5
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import read_fasta
 from ..fsutil import atomic_text_file
-from ..interop.nemo import require_distinct_sentinels
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
+from ..tokenizer import require_distinct_sentinels
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,16 @@
-"""The T5 encoder-decoder, both families (see model/config.py), in one readable module.
+"""The T5 encoder-decoder, both families (see model/config.py), in one plain module.
 
 Data flow: ids -> Embeddings -> Stack(encoder) -> hidden states; decoder ids -> Embeddings ->
-Stack(decoder, cross-attending to the encoder) -> lm_logits. Attention goes through :func:`attend`
-(``torch.nn.functional.scaled_dot_product_attention``, or plain matmuls where that is faster: incremental
-decoding steps, attention dropout on CPU); the masks it receives are built in one place,
-:func:`attention_mask`. Dropout draws its masks with :func:`dropout` (cheap on CPU).
+Stack(decoder, cross-attending to the encoder) -> lm_logits. Each module has one forward. The pieces carry
+the names of HF's ``modeling_t5.py`` where the checkpoints allow it: :class:`SelfAttention`,
+:class:`EncDecAttention`, ``relative_attention_bias``, ``final_layer_norm`` (the state-dict keys stay those
+of our native format; docs/checkpoints.md maps them to NeMo's and HF's).
+
+Where to look: the attention masks are built in :func:`attention_mask`; the fused self-attention projection
+``qkv`` is split into heads by :func:`split_heads` (rows ``[q; k; v]``); attention itself is :func:`attend`.
+
+Speed-ups that change no output (skipping padding in training, cheap CPU dropout, a bf16 ReLU, weight
+layouts and caches for decoding) are not here: :mod:`prott5nv.model.fast` applies them to a built model.
 """
 
 from __future__ import annotations
@@ -23,13 +29,10 @@ from .config import T5Config
 class LayerCache:
     """Keys/values of one decoder layer during incremental decoding.
 
-    Self-attention keys/values live in preallocated buffers ``[N, H, capacity, d_kv]`` filled up to
-    `length` and written in place (no per-step ``torch.cat`` of the whole history); a full buffer doubles.
-    Cross-attention keys/values (`cross`) are computed once from the encoder states; their keys are stored
-    transposed in memory, the layout in which the BLAS multiplies by them fastest.
+    Self-attention keys/values live in buffers ``[N, H, capacity, d_kv]`` filled up to `length` and written
+    in place (no per-step ``torch.cat`` of the whole history); a full buffer doubles. Cross-attention
+    keys/values (`cross`) are computed once from the encoder states.
     """
-
-    __slots__ = ("k", "v", "length", "capacity", "cross", "spare")
 
     def __init__(self, capacity: int | None = None) -> None:
         self.k: Tensor | None = None
@@ -37,13 +40,12 @@ class LayerCache:
         self.length = 0
         self.capacity = capacity
         self.cross: tuple[Tensor, Tensor] | None = None
-        self.spare: tuple[Tensor, Tensor] | None = None  # beam search reorders into these, then swaps
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new keys/values ``[N, H, n, d_kv]``; return ``[N, H, length, d_kv]`` views of all."""
         start, end = self.length, self.length + k.shape[2]
         if self.k is None or self.v is None or end > self.k.shape[2]:
-            self._grow(k, end)
+            self.grow(k, end)
         kbuf, vbuf = self.k, self.v
         assert kbuf is not None and vbuf is not None
         kbuf[:, :, start:end] = k
@@ -51,7 +53,8 @@ class LayerCache:
         self.length = end
         return kbuf[:, :, :end], vbuf[:, :, :end]
 
-    def _grow(self, like: Tensor, needed: int) -> None:
+    def grow(self, like: Tensor, needed: int) -> None:
+        """New buffers shaped like `like` with room for at least `needed` tokens, holding what was kept."""
         old = 0 if self.k is None else self.k.shape[2]
         size = max(needed, self.capacity or 0, 2 * old)
         n, h, _, d = like.shape
@@ -59,33 +62,27 @@ class LayerCache:
         if self.k is not None and self.v is not None and self.length:
             k[:, :, : self.length] = self.k[:, :, : self.length]
             v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v, self.spare = k, v, None
+        self.k, self.v = k, v
 
     def set_cross(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Keep the cross-attention keys/values (computed once); return them as stored."""
-        self.cross = (k.transpose(-1, -2).contiguous().transpose(-1, -2), v.contiguous())
+        self.cross = (k, v)
         return self.cross
 
     def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` of the self-attention keys/values (beam search): gathered straight into a
-        spare pair of buffers, which then become the cache (one read and one write per step)."""
+        """Keep rows `index` of the self-attention keys/values (beam search)."""
         if self.k is not None and self.v is not None and self.length:
-            n = self.length
-            if self.spare is None:
-                self.spare = (torch.empty_like(self.k), torch.empty_like(self.v))
-            k, v = self.spare
-            torch.index_select(self.k[:, :, :n], 0, index, out=k[:, :, :n])
-            torch.index_select(self.v[:, :, :n], 0, index, out=v[:, :, :n])
-            self.spare = (self.k, self.v)
-            self.k, self.v = k, v
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class DecoderCache:
     """One :class:`LayerCache` per decoder layer (from :meth:`T5Model.new_cache`); `length` = decoder
     tokens seen so far. `capacity` presizes the buffers (e.g. to the number of tokens to generate)."""
 
+    layer_cache = LayerCache
+
     def __init__(self, num_layers: int, capacity: int | None = None) -> None:
-        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
+        self.layers = [self.layer_cache(capacity) for _ in range(num_layers)]
 
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]
@@ -145,34 +142,6 @@ def mask_to_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     )
 
 
-class Packing:
-    """Where the real tokens of a padded ``[B, S]`` batch are. In training, the token-wise layers (norms,
-    projections, MLP, dropout, residuals: almost all of the arithmetic) run on the ``[T, C]`` rows of real
-    tokens only; attention pads its projections back to ``[B, S, ...]`` and masks as usual. Batches are
-    padded to their longest protein, so this saves the padding's share of the compute (about a fifth on
-    Swiss-Prot batches cut to 256 residues, more at 512) and gives the same result."""
-
-    def __init__(self, key_mask: Tensor) -> None:
-        self.shape = key_mask.shape
-        self.index = key_mask.flatten().nonzero().squeeze(1)
-
-    def unpad(self, x: Tensor) -> Tensor:
-        """``[B, S, C]`` -> ``[T, C]``."""
-        return x.flatten(0, 1).index_select(0, self.index)
-
-    def pad(self, x: Tensor) -> Tensor:
-        """``[T, C]`` -> ``[B, S, C]``, zeros at the padding."""
-        out = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1]).index_copy(0, self.index, x)
-        return out.view(*self.shape, x.shape[-1])
-
-
-def packing_for(key_mask: Tensor | None) -> Packing | None:
-    """A :class:`Packing` for a training forward over a padded batch, else None."""
-    if key_mask is None or not torch.is_grad_enabled() or not Stack.pack_tokens or bool(key_mask.all()):
-        return None
-    return Packing(key_mask.bool())
-
-
 # ----------------------------------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
     """T5's LayerNorm: no mean subtraction, no bias, variance in fp32."""
@@ -194,6 +163,7 @@ def make_norm(cfg: T5Config) -> nn.Module:
     if cfg.family == "megatron":
         return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
     return RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
 
 
 # ------------------------------------------------------------------------------------------- positions
@@ -281,130 +251,105 @@ class Embeddings(nn.Module):
         return x
 
 
+
+
 # ------------------------------------------------------------------------------------------- attention
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, like: Tensor) -> Tensor:
-    """Dropout keep mask of `like`'s dtype and device: 1 with probability ``1 - p`` (to within 3e-5), else 0;
-    drawn from the default generator.
-
-    Several times cheaper than ``bernoulli_`` on CPU: one 31-bit random integer per two elements, shifted
-    left by one so that each 16-bit half carries at least 15 random bits, one comparison, and a cast
-    (CPU kernels mixing a boolean mask with floats are slow; same-dtype ones are fast)."""
-    n = math.prod(shape)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=like.device).random_()
-    bits.bitwise_left_shift_(1)
-    keep = bits.view(torch.int16)[:n] >= -32768 + round(p * 65536)
-    return keep.view(torch.uint8).to(like.dtype).view(shape)
+def split_heads(x: Tensor, n: int, num_heads: int, d_kv: int) -> tuple[Tensor, ...]:
+    """``[B, S, n*H*D]`` -> n tensors ``[B, H, S, D]``: a fused projection's rows are ``[q; k; v]`` (n = 3,
+    self-attention) or ``[k; v]`` (n = 2, cross-attention), each ``[heads, d_kv]``."""
+    b, s, _ = x.shape
+    return x.view(b, s, n, num_heads, d_kv).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def dropout(x: Tensor, p: float) -> Tensor:
-    """Inverted dropout (training): zero elements with probability `p`, scale the rest by 1/(1-p). On CPU
-    with :func:`keep_mask`; elsewhere ``F.dropout`` (fused kernels)."""
-    if p <= 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    if p >= 1.0:
-        return x * 0.0
-    return (x * keep_mask(x.shape, p, x)).mul_(1.0 / (1.0 - p))
+def merge_heads(x: Tensor) -> Tensor:
+    """``[B, H, S, D]`` -> ``[B, S, H*D]``."""
+    return x.transpose(1, 2).flatten(2)
 
 
-class Dropout(nn.Dropout):
-    """`nn.Dropout` (same `p`, same switch by train/eval) drawing its mask with :func:`dropout`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p) if self.training else x
-
-
-def attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0, *, few: bool = False
-) -> Tensor:
-    """softmax(q kᵀ · scale + mask) v for ``[B, H, S, d_kv]`` tensors; `mask` boolean (True = attend) or
-    additive. SDPA, except for two cases computed as matmul, fp32 softmax, matmul: `few` (incremental
-    decoding: a handful of new queries, where SDPA's flash kernel costs more to set up than the arithmetic)
-    and attention dropout on CPU (SDPA then materialises the scores anyway, and draws its mask with the far
-    slower ``bernoulli_``)."""
-    if not few and (dropout_p == 0.0 or q.device.type != "cpu"):
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)  # an additive float bias must match the query dtype (autocast)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale + mask) in fp32, then q's dtype; `mask` boolean (True = attend) or additive."""
     scores = torch.matmul(q * scale if scale != 1.0 else q, k.transpose(-1, -2))
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(dropout(probs, dropout_p), v)
+    return torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0, *, few: bool = False
+) -> Tensor:
+    """softmax(q kᵀ · scale + mask) v for ``[B, H, S, d_kv]`` tensors; `mask` boolean (True = attend) or
+    additive. SDPA, except with `few` queries (incremental decoding: a handful of new tokens, where SDPA's
+    kernels cost more to set up than the arithmetic): matmul, fp32 softmax, matmul."""
+    if not few:
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)  # an additive float bias must match the query dtype (autocast)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return torch.matmul(F.dropout(attention_probs(q, k, mask, scale), dropout_p, training=dropout_p > 0), v)
 
 
 class Attention(nn.Module):
-    """Multi-head attention. Self-attention uses one fused projection `qkv` whose rows are
-    ``[q; k; v]`` (each ``[heads, d_kv]``); cross-attention has `q` and a fused `kv`."""
+    """What :class:`SelfAttention` and :class:`EncDecAttention` share: heads, scale, attention dropout."""
 
-    def __init__(self, cfg: T5Config, cross: bool = False) -> None:
+    def __init__(self, cfg: T5Config) -> None:
         super().__init__()
-        self.cross = cross
         self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
-        inner = cfg.num_heads * cfg.d_kv
-        bias = cfg.uses_bias
-        if cross:
-            self.q = nn.Linear(cfg.d_model, inner, bias=bias)
-            self.kv = nn.Linear(cfg.d_model, 2 * inner, bias=bias)
-        else:
-            self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=bias)
-        self.o = nn.Linear(inner, cfg.d_model, bias=bias)
         self.scale = cfg.attention_scale
         self.dropout = cfg.attention_dropout_rate
 
-    def _heads(self, x: Tensor, n: int) -> Tensor:
-        """[B, S, n*H*D] -> n tensors of [B, H, S, D]."""
-        b, s, _ = x.shape
-        return x.view(b, s, n, self.num_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, few: bool) -> Tensor:
+        """:func:`attend` with this module's scale and (in training) attention dropout."""
+        return attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0, few=few)
 
-    def forward(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        memory: Tensor | None = None,
-        cache: LayerCache | None = None,
-        packing: Packing | None = None,
-        memory_packing: Packing | None = None,
-    ) -> Tensor:
-        """`x` is ``[B, S, d_model]``, or with `packing` the ``[T, d_model]`` real tokens (and `memory`
-        likewise with `memory_packing`)."""
-        pad = packing.pad if packing is not None else (lambda t: t)
-        if self.cross:
-            (q,) = self._heads(pad(self.q(x)), 1)
-            if cache is not None and cache.cross is not None:
-                k, v = cache.cross
-            else:
-                kv = self.kv(memory)
-                k, v = self._heads(memory_packing.pad(kv) if memory_packing is not None else kv, 2)
-                if cache is not None:
-                    k, v = cache.set_cross(k, v)
-            if q.shape[0] != k.shape[0]:  # consecutive query rows (beams, samples) share one encoder input
-                out = self._grouped(q, k, v, mask, cache is not None)
-                return self.o(out.transpose(1, 2).flatten(2))
-        else:
-            q, k, v = self._heads(pad(self.qkv(x)), 3)
-            if cache is not None:
-                k, v = cache.append(k, v)
-        out = attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0, few=cache is not None)
-        out = out.transpose(1, 2).flatten(2)
-        return self.o(packing.unpad(out) if packing is not None else out)
 
-    def _grouped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, few: bool) -> Tensor:
-        """Cross-attention of ``[B*g, H, S, D]`` queries to ``[B, H, S_enc, D]`` keys/values: each input's
-        g rows become extra queries of that input, so its keys/values are read once, not g times (beam
-        search would otherwise copy and re-read the encoder states per beam)."""
-        n, h, s, d = q.shape
-        b = k.shape[0]
-        if n % b:
-            raise ValueError(f"{n} decoder rows cannot share {b} encoder rows (need a multiple of {b})")
-        group = n // b
-        q = q.view(b, group, h, s, d).transpose(1, 2).reshape(b, h, group * s, d)
-        out = attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0, few=few)
-        return out.view(b, h, group, s, d).transpose(1, 2).reshape(n, h, s, d)
+class SelfAttention(Attention):
+    """Multi-head self-attention with one fused projection `qkv` (rows ``[q; k; v]``, see
+    :func:`split_heads`) and the output projection `o`. In the decoder the mask is causal, and with a
+    :class:`LayerCache` only the new tokens come in; earlier keys/values are read from the cache."""
+
+    def __init__(self, cfg: T5Config) -> None:
+        super().__init__(cfg)
+        inner = cfg.num_heads * cfg.d_kv
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.uses_bias)
+        self.o = nn.Linear(inner, cfg.d_model, bias=cfg.uses_bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None, cache: LayerCache | None = None) -> Tensor:
+        q, k, v = split_heads(self.qkv(x), 3, self.num_heads, self.d_kv)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return self.o(merge_heads(self.attend(q, k, v, mask, few=cache is not None)))
+
+
+class EncDecAttention(Attention):
+    """Multi-head cross-attention of decoder tokens to the encoder states (`memory`): query projection `q`,
+    fused key/value projection `kv` (rows ``[k; v]``), output `o`. The keys/values are computed once per
+    input and kept in the :class:`LayerCache`. `memory` may have B rows for ``B * g`` decoder rows (g
+    consecutive beams or samples per input): its keys/values are then repeated for each row."""
+
+    def __init__(self, cfg: T5Config) -> None:
+        super().__init__(cfg)
+        inner = cfg.num_heads * cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=cfg.uses_bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * inner, bias=cfg.uses_bias)
+        self.o = nn.Linear(inner, cfg.d_model, bias=cfg.uses_bias)
+
+    def keys_values(self, memory: Tensor, cache: LayerCache | None) -> tuple[Tensor, Tensor]:
+        """The keys/values of `memory` (from `cache` when it holds them already)."""
+        if cache is not None and cache.cross is not None:
+            return cache.cross
+        k, v = split_heads(self.kv(memory), 2, self.num_heads, self.d_kv)
+        return cache.set_cross(k, v) if cache is not None else (k, v)
+
+    def forward(self, x: Tensor, mask: Tensor | None, memory: Tensor, cache: LayerCache | None = None) -> Tensor:
+        (q,) = split_heads(self.q(x), 1, self.num_heads, self.d_kv)
+        k, v = self.keys_values(memory, cache)
+        if q.shape[0] != k.shape[0]:  # g decoder rows per encoder row
+            group = q.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+            mask = mask.repeat_interleave(group, 0) if mask is not None and mask.shape[0] > 1 else mask
+        return self.o(merge_heads(self.attend(q, k, v, mask, few=cache is not None)))
 
 
 class MLP(nn.Module):
@@ -426,37 +371,31 @@ class MLP(nn.Module):
             "gelu": nn.GELU(),
             "gelu_tanh": nn.GELU(approximate="tanh"),
         }[act if act != "gelu" or not self.gated else "gelu_tanh"]  # HF gated-gelu is the tanh form
-        self.dropout = Dropout(cfg.dropout_rate) if cfg.family == "t5" else nn.Identity()
-
-    def _activate(self, h: Tensor) -> Tensor:
-        if isinstance(self.act, nn.ReLU) and h.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            # ReLU of bf16 by its sign bit: clamping the int16 view at 0 zeroes exactly the negative
-            # values, in place and vectorized (PyTorch's bf16 relu kernel is ~6x slower on CPU).
-            h.view(torch.int16).clamp_min_(0)
-            return h
-        return self.act(h)
+        self.dropout = nn.Dropout(cfg.dropout_rate) if cfg.family == "t5" else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            h = self._activate(self.wi_0(x)) * self.wi_1(x)
+            h = self.act(self.wi_0(x)) * self.wi_1(x)
         else:
-            h = self._activate(self.wi(x))
+            h = self.act(self.wi(x))
         return self.wo(self.dropout(h))
 
 
 class Block(nn.Module):
-    """One pre-norm layer: self-attention, (decoder) cross-attention, MLP, each as x + drop(f(norm(x)))."""
+    """One pre-norm layer: self-attention, (decoder) cross-attention, MLP, each as x + drop(f(norm(x))).
+    (Attribute names are those of the native checkpoint keys: `self_attention` is HF's ``SelfAttention``,
+    `cross_attention` its ``EncDecAttention``.)"""
 
     def __init__(self, cfg: T5Config, is_decoder: bool) -> None:
         super().__init__()
         self.self_attn_norm = make_norm(cfg)
-        self.self_attention = Attention(cfg)
+        self.self_attention = SelfAttention(cfg)
         if is_decoder:
             self.cross_attn_norm = make_norm(cfg)
-            self.cross_attention = Attention(cfg, cross=True)
+            self.cross_attention = EncDecAttention(cfg)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.dropout = Dropout(cfg.dropout_rate)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(
         self,
@@ -465,21 +404,15 @@ class Block(nn.Module):
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
         cache: LayerCache | None = None,
-        packing: Packing | None = None,
-        memory_packing: Packing | None = None,
     ) -> Tensor:
-        x = x + self.dropout(self.self_attention(self.self_attn_norm(x), mask, cache=cache, packing=packing))
+        x = x + self.dropout(self.self_attention(self.self_attn_norm(x), mask, cache))
         if memory is not None:
-            cross = self.cross_attention(self.cross_attn_norm(x), memory_mask, memory=memory, cache=cache,
-                                         packing=packing, memory_packing=memory_packing)  # fmt: skip
-            x = x + self.dropout(cross)
+            x = x + self.dropout(self.cross_attention(self.cross_attn_norm(x), memory_mask, memory, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class Stack(nn.Module):
     """The encoder or decoder: blocks plus a final norm (and, for `t5`, the shared relative bias)."""
-
-    pack_tokens = True  # training forwards skip the padding (see Packing); False: compute it as well
 
     def __init__(self, cfg: T5Config, num_layers: int, is_decoder: bool) -> None:
         super().__init__()
@@ -489,7 +422,22 @@ class Stack(nn.Module):
         )
         self.blocks = nn.ModuleList(Block(cfg, is_decoder) for _ in range(num_layers))
         self.final_layer_norm = make_norm(cfg)
-        self.dropout = Dropout(cfg.dropout_rate)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def masks(
+        self, q_len: int, key_mask: Tensor | None, memory: Tensor | None, memory_mask: Tensor | None,
+        past_len: int, like: Tensor,
+    ) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+        """The self-attention mask (boolean, or additive with the relative position bias) and the
+        cross-attention mask, for `q_len` queries after `past_len` cached tokens."""
+        k_len = past_len + q_len
+        mask = attention_mask(key_mask, q_len, k_len, causal=self.is_decoder, past_len=past_len, device=like.device)
+        if self.relative_bias is not None:
+            bias = self.relative_bias(q_len, k_len, past_len).to(like.dtype)
+            add = mask_to_bias(mask, like.dtype)
+            mask = bias if add is None else bias + add
+        cross = attention_mask(memory_mask, q_len, memory.shape[1]) if memory is not None else None
+        return mask, cross
 
     def forward(
         self,
@@ -500,26 +448,11 @@ class Stack(nn.Module):
         cache: DecoderCache | None = None,
         past_len: int = 0,
     ) -> Tensor:
-        q_len = x.shape[1]
-        k_len = past_len + q_len
-        mask = attention_mask(key_mask, q_len, k_len, causal=self.is_decoder, past_len=past_len, device=x.device)
-        if self.relative_bias is not None:
-            bias = self.relative_bias(q_len, k_len, past_len).to(x.dtype)
-            add = mask_to_bias(mask, x.dtype)
-            mask = bias if add is None else bias + add
-        cross = attention_mask(memory_mask, q_len, memory.shape[1]) if memory is not None else None
-        packing = packing_for(key_mask) if cache is None else None
-        memory_packing = None
-        if packing is not None:
-            x = packing.unpad(x)
-            memory_packing = packing_for(memory_mask) if memory is not None else None
-            if memory_packing is not None:
-                memory = memory_packing.unpad(memory)
+        mask, cross = self.masks(x.shape[1], key_mask, memory, memory_mask, past_len, x)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, memory, cross, cache[i] if cache is not None else None, packing, memory_packing)
-        x = self.dropout(self.final_layer_norm(x))
-        return packing.pad(x) if packing is not None else x
+            x = block(x, mask, memory, cross, cache[i] if cache is not None else None)
+        return self.dropout(self.final_layer_norm(x))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -594,21 +527,6 @@ class T5Model(nn.Module):
     def new_cache(self, capacity: int | None = None) -> DecoderCache:
         """An empty :class:`DecoderCache`; `capacity` presizes it to that many decoder tokens."""
         return DecoderCache(self.config.num_decoder_layers, capacity)
-
-    @torch.no_grad()
-    def optimize_for_decoding(self) -> None:
-        """Store the decoder's fp32 CPU linear weights column-major: same values, shapes and state-dict
-        keys, other strides. Incremental decoding multiplies a few rows by every weight, and MKL does that
-        about 1.5-2x faster with a column-major weight than with the row-major one `nn.Linear` keeps
-        (bf16 weights are faster row-major and stay). Idempotent; skipped in training mode so that
-        training keeps the usual layout. :func:`~prott5nv.model.generate.generate` calls it."""
-        if self.decoder is None or self.training:
-            return
-        for module in self.decoder.modules():
-            if isinstance(module, nn.Linear):
-                w = module.weight
-                if w.device.type == "cpu" and w.dtype == torch.float32 and w.stride(0) != 1:
-                    w.data = w.data.t().contiguous().t()
 
     def lm_logits(self, decoder_hidden: Tensor) -> Tensor:
         cfg = self.config

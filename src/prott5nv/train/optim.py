@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the ProtT5nv recipe (SPEC.md §2).
+"""Optimizer and learning-rate schedule of the ProtT5nv recipe (docs/training.md).
 
 AdamW (decoupled weight decay, as apex FusedAdam's default adam_w_mode), decay 0.01 on weights and
 embeddings and none on norm parameters and biases (NeMo's `get_params_for_weight_decay_optimization`);

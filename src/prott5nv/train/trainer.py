@@ -27,14 +27,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..api import resolve_device
 from ..checkpoint import load_checkpoint, save_pretrained
 from ..data.dataset import T5PretrainingDataset
 from ..data.masking import build_masker, collate_t5
 from ..data.sampler import DistributedShuffleSampler
 from ..data.store import SequenceStore, load_manifest
+from ..device import resolve_device
 from ..errors import ConfigError
 from ..model.config import preset
+from ..model.fast import apply_speedups
 from ..model.t5 import T5Model
 from ..tokenizer import ProteinTokenizer
 from .checkpointing import list_checkpoints, load_checkpoint_state, save_checkpoint
@@ -159,12 +160,21 @@ def _batch_loss(
 
 # ------------------------------------------------------------------------------------------- the loop
 class Pretrainer:
-    def __init__(self, cfg: TrainConfig, resume: bool | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: bool | None = None,
+        probe: Callable[[T5Model, ProteinTokenizer], dict] | None = None,
+    ) -> None:
         """`resume`: True requires a checkpoint in the run directory, None resumes when one exists,
-        False refuses a run directory that already has checkpoints."""
+        False refuses a run directory that already has checkpoints. `probe(model, tokenizer)` -> metrics
+        is called on rank 0 at step 0 and every `cfg.probe_every` steps (the CLI passes a downstream probe
+        for `cfg.probe_task`)."""
         self.cfg = cfg
         if not cfg.data or not cfg.out:
             raise ConfigError("both --data and --out are required")
+        if cfg.probe_task and probe is None:
+            raise ConfigError("probe_task needs a probe: pass Pretrainer(cfg, probe=...) (the CLI builds it)")
         self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -196,7 +206,7 @@ class Pretrainer:
         else:
             torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
             model, self.tokenizer = build_model(cfg)
-        self.model = model.to(self.device).train()
+        self.model = apply_speedups(model.to(self.device).train())  # packing, CPU dropout: same results
         self.masker = build_masker(
             cfg.objective, self.tokenizer, seq_length=cfg.seq_length, seq_length_dec=cfg.seq_length_dec,
             masked_lm_prob=cfg.masked_lm_prob, mean_span_length=cfg.mean_span_length,
@@ -220,11 +230,7 @@ class Pretrainer:
             torch.manual_seed(cfg.seed + self.info.rank)  # dropout differs per rank
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._tb = None
-        self.probe = None
-        if cfg.probe_task and self.info.is_main:
-            from ..downstream.probe import PretrainProbe  # only when asked: pretraining needs no downstream code
-
-            self.probe = PretrainProbe(cfg.probe_task, seed=cfg.seed)
+        self.probe = probe if self.info.is_main else None
 
     def _open_val(self) -> SequenceStore | None:
         manifest = load_manifest(self.cfg.data)

@@ -32,13 +32,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..checkpoint import load_state_dict_strict
 from ..errors import CheckpointError, ConfigError
 from ..fsutil import atomic_directory
 from ..model.config import T5Config
 from ..model.t5 import T5Model
 from ..tokenizer import ROSTLAB_PIECES, ProteinTokenizer
-from ._common import KeyRule, apply_rules
+from ._common import KeyRule, apply_rules, load_state_dict_strict
 from .sentencepiece import read_pieces
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ and the tokenizer files the config names with a ``nemo:`` prefix. Everything is 
 memory: nothing is extracted to disk, the YAML is parsed with ``safe_load`` and the weights with
 ``torch.load(weights_only=True)``, so no code from the archive runs.
 
-Facts this module relies on (checked against NeMo sources, see ``shared/reference/nemo.md``):
+Facts this module relies on (checked against NeMo sources, see docs/checkpoints.md and docs/vocabulary.md):
 
 * Keys (TP = PP = 1, non-mcore): ``enc_dec_model.encoder_embedding.{word,position}_embeddings``, layers at
   ``enc_dec_model.enc_dec_model.{encoder,decoder}.model.layers.{i}``, ``...model.final_layernorm``,
@@ -22,7 +22,7 @@ Facts this module relies on (checked against NeMo sources, see ``shared/referenc
   where NeMo turns fusion on when ``bias`` is on) or ``openai_gelu`` NeMo computes the tanh form, else
   exact erf-GELU.
 
-Sentinel layout (SPEC.md §1): NeMo <= 1.12 gave ``<extra_id_0..N-1>`` the ids 32.. (distinct); NeMo >= 1.13
+Sentinel layout (docs/vocabulary.md): NeMo <= 1.12 gave ``<extra_id_0..N-1>`` the ids 32.. (distinct); NeMo >= 1.13
 maps every sentinel of this character-level tokenizer onto ``<unk>`` (collapsed). The weights do not say
 which, so :func:`decide_sentinels` applies this rule, first match wins:
 
@@ -50,12 +50,11 @@ import torch
 import yaml
 from torch import Tensor
 
-from ..checkpoint import load_state_dict_strict
 from ..errors import CheckpointError, ConfigError
 from ..model.config import T5Config
 from ..model.t5 import T5Model
-from ..tokenizer import PROTT5NV_PIECES, ProteinTokenizer, _pad_to_multiple
-from ._common import KeyRule, apply_rules, concat
+from ..tokenizer import PROTT5NV_PIECES, ProteinTokenizer, pad_to_multiple
+from ._common import KeyRule, apply_rules, concat, load_state_dict_strict
 from .sentencepiece import read_pieces
 
 log = logging.getLogger(__name__)
@@ -252,7 +251,7 @@ def _tokenizer_member(cfg: dict[str, Any], archive: _Archive, source: str) -> st
 
 
 def check_pieces(pieces: list[str], source: str) -> None:
-    """The SentencePiece vocabulary must be ProtT5nv's 30 pieces (SPEC.md §1) in that order."""
+    """The SentencePiece vocabulary must be ProtT5nv's 30 pieces (docs/vocabulary.md) in that order."""
     expected = list(PROTT5NV_PIECES)
     if pieces == expected:
         return
@@ -272,8 +271,8 @@ def decide_sentinels(
     cfg: dict[str, Any], rows: int, num_sentinels: int, divisible_by: int, override: str | None = None
 ) -> tuple[str, str]:
     """``(layout, reason)``: "distinct" or "collapsed" sentinels, by the rule in the module docstring."""
-    distinct_rows = _pad_to_multiple(NUM_BASE_TOKENS + num_sentinels, divisible_by)
-    collapsed_rows = _pad_to_multiple(NUM_BASE_TOKENS, divisible_by)
+    distinct_rows = pad_to_multiple(NUM_BASE_TOKENS + num_sentinels, divisible_by)
+    collapsed_rows = pad_to_multiple(NUM_BASE_TOKENS, divisible_by)
     if override is not None:
         if override not in ("distinct", "collapsed"):
             raise ConfigError(f"unknown sentinel layout {override!r} (distinct or collapsed)")
@@ -290,24 +289,6 @@ def decide_sentinels(
             return "distinct", f"created with NeMo {cfg['nemo_version']} (<= 1.12 gives ids 32..)"
         return "collapsed", f"created with NeMo {cfg['nemo_version']} (>= 1.13 maps sentinels to <unk>)"
     return "distinct", "undecidable (no nemo_version, embedding size fits both); assumed distinct"
-
-
-def require_distinct_sentinels(tokenizer: ProteinTokenizer, task: str) -> None:
-    """Refuse `task` (e.g. "score", "generate") when the tokenizer's sentinels all share one id.
-
-    With the collapsed layout (NeMo >= 1.13) every ``<extra_id_N>`` is ``<unk>``: the model was never told
-    which masked span is which, so span infilling, per-span scoring and sentinel-driven generation are
-    meaningless. Embeddings (encoder hidden states of unmasked proteins) are unaffected.
-    """
-    if tokenizer.has_distinct_sentinels:
-        return
-    raise CheckpointError(
-        f"{task}: this checkpoint's tokenizer maps all {tokenizer.num_sentinels} sentinel tokens "
-        "<extra_id_N> onto <unk> (the layout NeMo >= 1.13 builds for ProtT5nv), so the model cannot tell "
-        f"masked spans apart and {task} would give meaningless results. Embeddings still work. If you know "
-        "the checkpoint was trained with distinct sentinel ids 32-127 (NeMo <= 1.12), load it with "
-        "load_nemo(path, sentinels='distinct')."
-    )
 
 
 # ------------------------------------------------------------------------------------------- weights

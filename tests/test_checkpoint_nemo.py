@@ -1,7 +1,7 @@
 """.nemo import: archives written by an independent writer that follows NeMo's documented layout.
 
-The writer below knows nothing of prott5nv.interop: it names every tensor the way NeMo's Megatron T5 does
-(SPEC.md §5, reference/nemo.md §1-2), interleaves the fused projections per head, writes a NeMo-style
+The writer below knows nothing of prott5nv.checkpoint: it names every tensor the way NeMo's Megatron T5 does
+(docs/checkpoints.md), interleaves the fused projections per head, writes a NeMo-style
 ``model_config.yaml`` and a SentencePiece ``.model`` protobuf built by hand (conftest), and packs them in a tar.
 """
 
@@ -19,13 +19,13 @@ import torch
 import yaml
 
 from prott5nv.checkpoint import load_checkpoint
+from prott5nv.checkpoint.nemo import load_nemo
+from prott5nv.checkpoint.sentencepiece import parse_model
 from prott5nv.cli import main as cli_main
 from prott5nv.errors import CheckpointError
-from prott5nv.interop.nemo import load_nemo, require_distinct_sentinels
-from prott5nv.interop.sentencepiece import parse_model
 from prott5nv.model.config import preset
 from prott5nv.model.t5 import T5Model
-from prott5nv.tokenizer import PROTT5NV_PIECES, ProteinTokenizer
+from prott5nv.tokenizer import PROTT5NV_PIECES, ProteinTokenizer, require_distinct_sentinels
 
 SPM_NAME = "8f3a_protein_sequence_sentencepiece.model"
 VOCAB_NAME = "8f3a_protein_sequence_sentencepiece.vocab"
@@ -200,7 +200,7 @@ def assert_same(a: T5Model, b: T5Model, batch, atol: float = 1e-6):
 # -------------------------------------------------------------------------------------- parity
 def test_load_identical_outputs(write_nemo, tmp_path, source_model, batch, caplog):
     path = write_nemo(tmp_path / "prott5nv.nemo", source_model)
-    with caplog.at_level(logging.INFO, logger="prott5nv.interop.nemo"):
+    with caplog.at_level(logging.INFO, logger="prott5nv.checkpoint.nemo"):
         model, tok = load_nemo(path)
     cfg = model.config
     assert (cfg.family, cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.d_kv) == ("megatron", 64, 256, 4, 16)
@@ -306,7 +306,7 @@ def test_sentinels_collapsed_by_embedding_rows(write_nemo, tmp_path):
 
 def test_sentinels_undecidable_defaults_to_distinct_with_warning(write_nemo, tmp_path, source_model, caplog):
     path = write_nemo(tmp_path / "u.nemo", source_model, nemo_config(source_model, nemo_version=None))
-    with caplog.at_level(logging.WARNING, logger="prott5nv.interop.nemo"):
+    with caplog.at_level(logging.WARNING, logger="prott5nv.checkpoint.nemo"):
         _, tok = load_nemo(path)
     assert tok.sentinels == "distinct" and "undecidable" in caplog.text
 

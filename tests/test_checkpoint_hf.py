@@ -13,9 +13,9 @@ import transformers  # noqa: E402 - the test extra installs it; a missing instal
 from safetensors.torch import load_file
 
 from prott5nv.checkpoint import load_checkpoint
+from prott5nv.checkpoint.hf import load_hf, save_hf
 from prott5nv.cli import main as cli_main
 from prott5nv.errors import CheckpointError
-from prott5nv.interop.hf import load_hf, save_hf
 from prott5nv.model.config import preset
 from prott5nv.model.t5 import T5Model
 from prott5nv.tokenizer import ROSTLAB_PIECES, ProteinTokenizer
@@ -181,7 +181,7 @@ def test_rostlab_style_file_with_stored_lm_head_follows_config(tmp_path, caplog)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.pop("tie_word_embeddings", None)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with caplog.at_level(logging.WARNING, logger="prott5nv.interop.hf"):
+    with caplog.at_level(logging.WARNING, logger="prott5nv.checkpoint.hf"):
         model, _ = load_hf(tmp_path)
     assert model.config.tie_word_embeddings and model.config.extra["hf"]["ignored_lm_head_weight"]
     assert "stored lm_head.weight" in caplog.text

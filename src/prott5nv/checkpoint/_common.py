@@ -1,9 +1,12 @@
-"""Helpers shared by the format converters: key maps between foreign state dicts and ours."""
+"""Shared by every format: key maps between foreign state dicts and ours, the strict state-dict loader, JSON."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,3 +58,28 @@ def apply_rules(
             f"{' ...' if len(unexpected) > 6 else ''})"
         )
     return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read JSON: {exc}") from None
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load `state` into `model`, raising CheckpointError on missing/unexpected keys or shape mismatches.
+    Floating tensors are cast to the model's dtype."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    for k, ref in own.items():  # in model order, so the first mismatch reported is the first layer's
+        if tuple(state[k].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: weight {k} has shape {tuple(state[k].shape)}, the config implies {tuple(ref.shape)}"
+            )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

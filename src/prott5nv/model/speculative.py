@@ -1,0 +1,94 @@
+"""Speculative greedy decoding.
+
+Greedy decoding of an fp32 model on CPU is speculative (``speculative=True``, the default): a step is
+bound by reading the decoder's weights once per token, so an int8 copy of the decoder (a quarter of the
+bytes; :func:`draft_model`, kept while the weights do not change) proposes ``draft_tokens`` tokens and
+the fp32 model checks them all in one pass -- one read of its weights for several tokens. The tokens kept are
+the fp32 model's own argmaxes, so the output is greedy decoding of the fp32 model; the only difference
+from one token per pass is the last bits of fp32 arithmetic done in another order, which can decide a
+near-tie the other way (as a different batch size can).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+import weakref
+
+import torch
+
+from .decoding import Emitted, GenerationConfig, GenerationOutput, LogitsProcessor, Stepper
+from .t5 import T5Model
+
+log = logging.getLogger(__name__)
+
+_DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights' versions, draft)
+
+
+def _decoder_copy(model: T5Model) -> T5Model:
+    """A copy of `model` without its encoder, linear weights row-major (as quantization and bf16 want)."""
+    copied = copy.deepcopy(model, memo={id(model.encoder): None}).eval()  # the encoder "copies" as None
+    for module in copied.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.contiguous()  # undo apply_decoding_layout
+    return copied
+
+
+def draft_model(model: T5Model) -> T5Model:
+    """A cheap copy of `model`'s decoder side (no encoder) for speculative greedy decoding: its linear
+    layers dynamically quantized to int8 (PyTorch's fbgemm/qnnpack kernels: a quarter of the fp32 bytes),
+    or in bf16 where this PyTorch cannot quantize. Made once and reused while the fp32 weights are
+    unchanged (their in-place versions are compared)."""
+    versions = tuple((id(p), p._version) for p in model.parameters())
+    kept = _DRAFTS.get(model)
+    if kept is not None and kept[0] == versions:
+        return kept[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao quantization is deprecated; the bf16 draft remains
+            draft = torch.ao.quantization.quantize_dynamic(_decoder_copy(model), {torch.nn.Linear},
+                                                           dtype=torch.qint8, inplace=True)  # fmt: skip
+            probe = draft.decoder.blocks[0].mlp  # quantized kernels may exist but not run here: try one
+            probe(torch.zeros(1, model.config.d_model))
+    except Exception as exc:  # noqa: BLE001 - any failure: fall back to the bf16 draft
+        log.debug("int8 draft unavailable (%s); using bf16", exc)
+        draft = _decoder_copy(model).to(torch.bfloat16)
+    _DRAFTS[model] = (versions, draft)
+    return draft
+
+
+def speculates(model: T5Model, cfg: GenerationConfig, processor: LogitsProcessor | None) -> bool:
+    """Whether :func:`~prott5nv.model.generate.generate` decodes greedily by speculation here."""
+    weight = model.embeddings.word_embeddings.weight
+    return (cfg.speculative and cfg.use_cache and not cfg.do_sample and cfg.num_beams == 1 and processor is None
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and not model.training)  # fmt: skip
+
+
+
+def greedy_speculative(
+    main: Stepper, draft: Stepper, cfg: GenerationConfig, start_id: int, eos_id: int, pad_id: int
+) -> GenerationOutput:
+    """Greedy decoding of `main`, `cfg.draft_tokens` tokens proposed by `draft` per pass of `main` (see
+    the module docstring). A pass keeps the proposed tokens that every unfinished row's `main` argmax
+    agrees with, then `main`'s own next token; both caches forget what was not kept."""
+    assert main.cache is not None and draft.cache is not None
+    out = Emitted(main.memory.shape[0], start_id, eos_id, pad_id, main.memory.device)
+    while len(out) < cfg.max_new_tokens and not bool(out.done.all()):
+        k = min(cfg.draft_tokens, cfg.max_new_tokens - len(out))
+        proposal = known = out.tokens
+        for _ in range(k):
+            proposal = torch.cat([proposal, draft.feed(proposal)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        logits = main.feed(proposal)[:, -(k + 1) :]  # after the last known token and after each proposed one
+        best = logits.argmax(-1)
+        agree = (best[:, :k] == proposal[:, known.shape[1] :]) | out.done[:, None]
+        accepted = int(agree.long().cumprod(1).sum(1).min())
+        logp = logits.log_softmax(-1)
+        for j in range(accepted + 1):
+            if len(out) == cfg.max_new_tokens or bool(out.done.all()):
+                break
+            out.append(best[:, j], logp[:, j])
+        main.cache.truncate(known.shape[1] + accepted)
+        draft.cache.truncate(known.shape[1] + accepted)
+    return out.output()
+
