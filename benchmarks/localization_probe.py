@@ -55,6 +55,8 @@ def main() -> None:
                     "beside the repository")  # fmt: skip
     ap.add_argument("--model", default="prott5nv-demo", help="the trained model (name or path)")
     ap.add_argument("--init-seed", type=int, default=0, help="seed of the untrained copy's initialisation")
+    ap.add_argument("--step0-run", type=Path, default=None, help="the pretraining run --model came from: its exact "
+                    "initial network is the step-0 row (default: --model re-initialised with --init-seed)")
     ap.add_argument("--max-train", type=int, default=6000)
     ap.add_argument("--max-eval", type=int, default=1500, help="val and test proteins (each)")
     ap.add_argument("--finetune-train", type=int, default=1500)
@@ -71,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = args.data.resolve()
     cache = args.cache_dir or args.out_dir / "cache"
-    step0 = save_untrained(args.model, args.out_dir / "step0_model", seed=args.init_seed)
+    step0 = save_untrained(args.model, args.out_dir / "step0_model", seed=args.init_seed, run=args.step0_run)
     sub = {"max_train": args.max_train, "max_eval": args.max_eval}
     linear = FitOptions(head="linear")
     runs = [

@@ -75,6 +75,8 @@ def main() -> None:
                     "flip_secondary_structure_sampled.csv.gz beside the repository")  # fmt: skip
     ap.add_argument("--model", default="prott5nv-demo", help="the trained model (name or path)")
     ap.add_argument("--init-seed", type=int, default=0, help="seed of the untrained copy's initialisation")
+    ap.add_argument("--step0-run", type=Path, default=None, help="the pretraining run --model came from: its exact "
+                    "initial network is the step-0 row (default: --model re-initialised with --init-seed)")
     ap.add_argument("--max-train", type=int, default=3000, help="training proteins (seeded subsample)")
     ap.add_argument("--max-val", type=int, default=500, help="valid proteins for early stopping")
     ap.add_argument("--max-test", type=int, default=None, help="test proteins (default: all 364)")
@@ -95,7 +97,7 @@ def main() -> None:
     full = load_task(path, target="ss3", mask_column="mask", seed=args.seed)
     data = subsample(full, args.seed, train=args.max_train, val=args.max_val, test=args.max_test)
     trained = load(args.model, device=args.device)
-    step0_dir = save_untrained(args.model, args.out_dir / "step0_model", seed=args.init_seed)
+    step0_dir = save_untrained(args.model, args.out_dir / "step0_model", seed=args.init_seed, run=args.step0_run)
     step0 = load(step0_dir, device=args.device)
     limit = trained.max_length or max(map(len, data.sequences))
     data, cut = cut_training_rows(data, limit)

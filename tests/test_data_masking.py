@@ -152,6 +152,7 @@ def test_denoise_layout_and_rates(proteins, layout: str) -> None:
         assert where.sum() == max(1, round(0.15 * len(tokens)))
         assert set(enc[where & (enc != mask_id)].tolist()) <= standard
         assert (enc[~where] == tokens[~where]).all()
+        assert s.encoder_labels.tolist() == [*tokens.tolist(), *([-100] * (len(s.text_enc) - len(tokens)))]
         corrupted += int(where.sum())
         masked += int((enc[where] == mask_id).sum())
         replaced += int((enc[where] != mask_id).sum())

@@ -162,9 +162,41 @@ def test_max_minutes_stops_saves_and_resumes(data_dir, tmp_path):
             "--save-every", 20, "--val-every", 50, "--max-minutes", "0.0001"]  # fmt: skip
     assert pretrain(*args) == 0
     assert sorted(losses(run)) == [1] and (run / "checkpoints" / "step_00000001").is_dir()
+    assert metrics(run)[0]["model_tflops_per_s"] > 0
     assert json.loads((run / "model" / "config.json").read_text())["extra"]["trained_steps"] == 1
     assert pretrain(*args) == 0  # resumes at step 1, stops after step 2
     assert sorted(losses(run)) == [1, 2]
+
+
+def test_mfu_numerator_counts_every_matmul_weight_once():
+    """Model FLOPs per token = 6 x the weights a token is multiplied by, per stack (tiny: d 64, d_ff 256,
+    2+2 layers, vocabulary 128 for the LM head); the metrics rows report them per second."""
+    from prott5nv.train.trainer import _matmul_weights
+
+    d, ff = 64, 256
+    attn, cross, mlp = d * 3 * d + d * d, d * d + d * 2 * d + d * d, 2 * d * ff
+    assert _matmul_weights(T5Model(preset("tiny"))) == (2 * (attn + mlp), 2 * (attn + cross + mlp) + 128 * d)
+
+
+def test_step0_baseline_is_the_runs_exact_initial_network(data_dir, tmp_path):
+    """The benchmarks' step-0 row for a pretrained model: the very network its run started from (seed and
+    sin/cos position table from the run's config.yaml), not just a re-initialisation of the same shape."""
+    from prott5nv.checkpoint import load_checkpoint
+    from prott5nv.downstream.features import save_untrained
+
+    run = tmp_path / "run"
+    assert pretrain("--data", data_dir, "--out", run, *SMALL_RUN, "--max-steps", 2, "--micro-batch-size", 4,
+                    "--position-init", "sinusoidal", "--seed", 7) == 0  # fmt: skip
+    step0, _ = load_checkpoint(save_untrained(run / "model", tmp_path / "s0", run=run))
+    trained, _ = load_checkpoint(run / "model")
+    torch.manual_seed(7)
+    fresh = T5Model(preset("tiny"))
+    fresh.embeddings.init_positions_sinusoidal(fresh.config.initializer_std)
+    for name, p in fresh.state_dict().items():
+        assert torch.equal(step0.state_dict()[name], p), name
+    assert not torch.equal(step0.embeddings.word_embeddings.weight, trained.embeddings.word_embeddings.weight)
+    reinit, _ = load_checkpoint(save_untrained(run / "model", tmp_path / "r0", seed=7))  # no run: same scheme only
+    assert not torch.equal(reinit.embeddings.position_embeddings.weight, step0.embeddings.position_embeddings.weight)
 
 
 # ------------------------------------------------------------------------- data parallel & resume

@@ -44,8 +44,9 @@ FLAGS: list[tuple[str, type, str]] = [
     ("objective", str, "span (T5 span corruption, ProtT5nv's; default), denoise (Rostlab ProtT5's: 15%% of "
      "residues masked in place, the decoder rebuilds the whole sequence) or mixed (each sample one or the other)"),
     ("denoise_fraction", float, "mixed: share of samples denoised (default: 0.5)"),
-    ("encoder_loss_weight", float, "denoise/mixed: add this weight x the cross-entropy of the corrupted residues "
-     "predicted from the encoder's states by the (tied) LM head; trains the features directly (default: 0)"),
+    ("encoder_loss_weight", float, "denoise/mixed: add this weight x the cross-entropy of every residue predicted "
+     "from the encoder's state at its position by the (tied) LM head: the features must keep each residue and "
+     "infer the corrupted ones from context (default: 0)"),
     ("seed", int, "seed for initialisation, shuffling and masking (default: 1234)"),
     ("val_every", int, "validate every N steps (default: 200)"),
     ("val_samples", int, "validation sequences used (default: 1000)"),

@@ -43,8 +43,8 @@ class T5Sample:
     labels: np.ndarray  # target + EOS
     corrupted: np.ndarray | None = None  # bool per label: a residue the encoder did not see (what masked
     # perplexity is computed on); None: not recorded (scoring builds its samples itself)
-    encoder_labels: np.ndarray | None = None  # per encoder position: the original residue where it was
-    # corrupted in place, else -100 (denoise samples only; the auxiliary encoder loss)
+    encoder_labels: np.ndarray | None = None  # per encoder position: the original residue (-100 at
+    # specials); denoise samples only, for the auxiliary encoder loss
 
 
 class T5Masker:
@@ -181,7 +181,7 @@ class DenoiseMasker:
         corrupted = np.zeros(len(tokens) + 1, bool)
         corrupted[positions] = True
         encoder_labels = np.full(len(enc), -100, np.int64)
-        encoder_labels[positions] = tokens[positions]
+        encoder_labels[: len(tokens)] = tokens
         dec = np.concatenate([[self.decoder_start_id], tokens])
         labels = np.concatenate([tokens, [self.tok.eos_id]])
         return T5Sample(enc, dec, labels, corrupted, encoder_labels)

@@ -378,19 +378,33 @@ def make_featurizer(kind: str, model: Any = None, *, window: int = 7, **options:
     return EmbeddingFeaturizer(model, **options)
 
 
-def save_untrained(model: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> Path:
-    """The network of checkpoint `model` at its own initialisation (``torch.manual_seed(seed)``, then
-    :meth:`T5Model.reset_parameters`: same architecture and tokenizer, no training), saved as a native
-    checkpoint directory `out`: the step-0 baseline a trained model's features must beat. Its weights,
-    hence its embedding-cache fingerprint, differ from the trained model's. (Same initialisation scheme as
-    a fresh pretraining run, not bit-identical to a given run's step 0.)"""
+def save_untrained(
+    model: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0, run: str | os.PathLike | None = None
+) -> Path:
+    """The network of checkpoint `model` at its own initialisation, saved as a native checkpoint directory
+    `out`: the step-0 baseline a trained model's features must beat (its weights, hence its embedding-cache
+    fingerprint, differ from the trained model's). With `run` (the pretraining run directory `model` came
+    from, or the first phase of it), exactly the network that run started from, rebuilt from its
+    ``config.yaml`` (seed, position init); else ``torch.manual_seed(seed)`` and
+    :meth:`T5Model.reset_parameters` (the same scheme, not a given run's exact weights)."""
     import torch
 
     from ..checkpoint import load_checkpoint, save_pretrained
 
     net, tokenizer = load_checkpoint(model)
-    torch.manual_seed(seed)
-    net.reset_parameters()
-    extra = {"weights": "untrained: reset_parameters() of the network of the source", "source": str(model),
-             "seed": seed}  # fmt: skip
+    if run is not None:
+        from ..train.config import TrainConfig
+        from ..train.trainer import initial_model
+
+        cfg = TrainConfig.from_dict(TrainConfig.from_yaml(Path(run) / "config.yaml"))
+        start, _ = initial_model(cfg)
+        if start.config != net.config:
+            raise ConfigError(f"{run} started a {start.config} network, {model} is a {net.config}")
+        net = start
+        extra = {"weights": f"untrained: the initial network of pretraining run {run}", "source": str(model)}
+    else:
+        torch.manual_seed(seed)
+        net.reset_parameters()
+        extra = {"weights": "untrained: reset_parameters() of the network of the source", "source": str(model),
+                 "seed": seed}  # fmt: skip
     return save_pretrained(net, tokenizer, out, extra=extra)

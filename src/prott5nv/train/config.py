@@ -45,8 +45,8 @@ class TrainConfig:
     mean_span_length: float = 1.0
     objective: str = "span"  # span (ProtT5nv's T5 span corruption), denoise (Rostlab's), mixed (see data/masking)
     denoise_fraction: float = 0.5  # mixed: share of samples denoised
-    encoder_loss_weight: float = 0.0  # denoise samples: + weight x cross-entropy of the corrupted residues
-    # predicted from the encoder's own states through the tied LM head (no new parameters)
+    encoder_loss_weight: float = 0.0  # denoise samples: + weight x cross-entropy of every residue predicted
+    # from the encoder's own state at its position through the tied LM head (no new parameters)
     seed: int = 1234
     val_every: int = 200
     val_samples: int = 1000  # validation sequences used (the first N of the val split)

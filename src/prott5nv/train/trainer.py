@@ -114,6 +114,13 @@ def build_model(cfg: TrainConfig) -> tuple[T5Model, ProteinTokenizer]:
     return model, tokenizer
 
 
+def initial_model(cfg: TrainConfig) -> tuple[T5Model, ProteinTokenizer]:
+    """The network a fresh run of `cfg` starts from: seeded, so the same in every process and every run
+    (the step-0 baseline a trained model is judged against)."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg)
+
+
 class _EpochStream:
     """Batch sampler over an endless sequence of epochs for one rank: yields lists of (epoch, index)
     keys, `micro_batch_size` at a time, starting after `consumed_samples` (global count)."""
@@ -142,7 +149,7 @@ def _batch_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, encoder_loss: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the decoder's target tokens of a batch and, with `encoder_loss`, over
-    the residues corrupted in place predicted from the encoder's own states (else 0)."""
+    the residues of denoise samples predicted from the encoder's state at their position (else 0)."""
     out = model(
         batch["text_enc"].to(device), batch["enc_mask"].to(device), batch["text_dec"].to(device),
         encoder_logits=encoder_loss,
@@ -156,6 +163,20 @@ def _batch_loss(
         enc_labels = batch["encoder_labels"].to(device)
         enc_ce = F.cross_entropy(enc_logits.float().flatten(0, 1), enc_labels.flatten(), reduction="sum")
     return (ce * mask.flatten()).sum(), enc_ce
+
+
+def _matmul_weights(model: T5Model) -> tuple[int, int]:
+    """Weights a token multiplies by in the encoder and in the decoder (incl. the LM head): a training
+    step costs about 6 FLOPs per weight per token (forward 2, backward 4; attention scores not counted),
+    the usual numerator of MFU."""
+    head = model.config.vocab_size * model.config.d_model
+
+    def count(stack: nn.Module | None) -> int:
+        if stack is None:
+            return 0
+        return sum(p.numel() for n, p in stack.named_parameters() if p.dim() == 2 and "relative" not in n)
+
+    return count(model.encoder), count(model.decoder) + head
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -204,8 +225,7 @@ class Pretrainer:
             self.step, self.consumed, self.tokens = state["step"], state["consumed_samples"], state["tokens"]
             log.info("resuming from %s (step %d)", checkpoints[-1], self.step)
         else:
-            torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run
-            model, self.tokenizer = build_model(cfg)
+            model, self.tokenizer = initial_model(cfg)
         self.model = apply_speedups(model.to(self.device).train())  # packing, CPU dropout: same results
         self.masker = build_masker(
             cfg.objective, self.tokenizer, seq_length=cfg.seq_length, seq_length_dec=cfg.seq_length_dec,
@@ -348,6 +368,8 @@ class Pretrainer:
         loss = float("nan")
         val: dict[str, float] | None = None
         last_log = (time.perf_counter(), self.tokens)
+        flops = 0.0  # model FLOPs since the last metrics row (6 x weights x tokens per stack)
+        enc_weights, dec_weights = _matmul_weights(self.model)
         if self.probe is not None and self.step == 0:  # the untrained network: the curve's first point
             self._log({"step": 0, **self.probe(self.model, self.tokenizer)})
         try:
@@ -386,6 +408,8 @@ class Pretrainer:
                 self.step += 1
                 self.consumed += self.global_batch_size
                 self.tokens += int(counts[1])
+                step_flops = 6.0 * float(enc_weights * (counts[1] - counts[0]) + dec_weights * counts[0])
+                flops += step_flops / self.info.world_size
                 ce_total = all_reduce_sum(ce_total, self.info)
                 loss = float(ce_total[0] / n_targets)
                 enc_loss = float(ce_total[1] / n_enc) if use_enc else None
@@ -395,8 +419,10 @@ class Pretrainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     now = time.perf_counter()
                     tps = (self.tokens - last_log[1]) / max(now - last_log[0], 1e-9)
-                    last_log = (now, self.tokens)
+                    tflops = flops / max(now - last_log[0], 1e-9) / 1e12
+                    last_log, flops = (now, self.tokens), 0.0
                     row = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm,
+                           "model_tflops_per_s": tflops,
                            "consumed_samples": self.consumed, "tokens": self.tokens}  # fmt: skip
                     if enc_loss is not None:
                         row["encoder_loss"] = enc_loss
