@@ -28,7 +28,7 @@ The equivalent commands (one run each; M0 = the untrained copy, written by
     prott5nv finetune DATA --features dipeptide --head linear --max-train 6000 --max-eval 1500 -o RUN
     prott5nv finetune DATA --model M0 --head linear --max-train 6000 --max-eval 1500 -o RUN
     prott5nv finetune DATA --model M --head mlp --max-train 6000 --max-eval 1500 -o RUN
-    prott5nv finetune DATA --model M --finetune --unfreeze-layers 2 --max-length 256 --max-epochs 2 \
+    prott5nv finetune DATA --model M --finetune --unfreeze-layers 2 --max-length 256 --truncate --max-epochs 2 \
         --max-train 1500 --max-eval 1500 -o RUN
 """
 
@@ -75,14 +75,15 @@ def main() -> None:
     cache = args.cache_dir or args.out_dir / "cache"
     step0 = save_untrained(args.model, args.out_dir / "step0_model", seed=args.init_seed, run=args.step0_run)
     sub = {"max_train": args.max_train, "max_eval": args.max_eval}
+    cut = {"long_policy": "truncate"}  # proteins past the model's limit: their first residues, as before
     linear = FitOptions(head="linear")
     runs = [
         ("composition", "logistic", dict(features="composition", **sub), linear),
         ("composition+dipeptide", "logistic", dict(features="dipeptide", **sub), linear),
-        ("step-0 model, frozen mean", "logistic", dict(model=str(step0), **sub), linear),
-        ("model, frozen mean", "logistic", dict(model=args.model, **sub), linear),
-        ("model, frozen mean", "MLP", dict(model=args.model, **sub), FitOptions(head="mlp")),
-        ("model, frozen mean", "MLP, class weights", dict(model=args.model, **sub),
+        ("step-0 model, frozen mean", "logistic", dict(model=str(step0), **sub, **cut), linear),
+        ("model, frozen mean", "logistic", dict(model=args.model, **sub, **cut), linear),
+        ("model, frozen mean", "MLP", dict(model=args.model, **sub, **cut), FitOptions(head="mlp")),
+        ("model, frozen mean", "MLP, class weights", dict(model=args.model, **sub, **cut),
          FitOptions(head="mlp", class_weights=True)),
     ]  # fmt: skip
     if not args.skip_all_rows:
@@ -93,7 +94,7 @@ def main() -> None:
         runs.append((f"model, fine-tuned top {args.unfreeze_layers} blocks ({args.finetune_train} train, "
                      f"<= {args.finetune_length} res, {args.finetune_epochs} epochs)", "MLP",
                      dict(model=args.model, max_train=args.finetune_train, max_eval=args.max_eval,
-                          max_length=args.finetune_length), ft))  # fmt: skip
+                          max_length=args.finetune_length, long_policy="truncate"), ft))  # fmt: skip
     results = []
     for i, (features, head, kwargs, opts) in enumerate(runs):
         opts.seed = args.seed

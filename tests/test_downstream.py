@@ -274,17 +274,17 @@ def test_finetuning_updates_only_top_layers_and_saves_the_encoder(tiny_model, tm
     options = FitOptions(head="linear", finetune=True, unfreeze_layers=1, max_epochs=1, max_steps=3, lr=1e-3,
                          batch_size=16)  # fmt: skip
     summary = finetune_task(LOCALIZATION, tmp_path / "ft", model=tiny_model, options=options, max_train=48,
-                            max_eval=16, max_length=128)  # fmt: skip
+                            max_eval=16, max_length=128, long_policy="truncate")  # fmt: skip
     assert summary.mode == "finetuned" and summary.metrics["test"]["n"] == 16
     assert all(torch.equal(v, tiny_model.model.state_dict()[k]) for k, v in before.items())  # caller's model kept
-    predictor = load_predictor(tmp_path / "ft")
+    predictor = load_predictor(tmp_path / "ft", long_policy="truncate")  # proteins past 128: refused by default
     tuned = predictor.model.model.state_dict()
     assert predictor.model.config.num_decoder_layers == 0  # only the encoder is saved
     changed = {k.split(".")[2] if k.startswith("encoder.blocks.") else k
                for k in tuned if not torch.equal(tuned[k], before[k])}  # fmt: skip
     assert changed == {"1", "encoder.final_layer_norm.weight", "encoder.final_layer_norm.bias"}
     seqs = load_task(LOCALIZATION).sequences[:4]
-    assert predictor.predict(seqs) == load_predictor(tmp_path / "ft").predict(seqs)
+    assert predictor.predict(seqs) == load_predictor(tmp_path / "ft", long_policy="truncate").predict(seqs)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -203,8 +203,8 @@ def test_remote_encoder_stands_in_for_the_local_model(servers, proteins, local):
     remote = RemoteEncoder(Client(server.url))
     assert (remote.name, remote.max_length, remote.embedding_dim) == ("prott5nv-demo", 512, local.embedding_dim)
     assert remote.tokenizer.tokens == local.tokenizer.tokens and remote.config == local.config
-    tokens = [local.tokenizer.encode(s) for _, s in proteins[:9]]
-    got, want = remote.tokens_to_hiddens(tokens), local.tokens_to_hiddens(tokens)
+    seqs = [s for _, s in proteins[:9]]
+    got, want = remote.seqs_to_hiddens(seqs), local.seqs_to_hiddens(seqs)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=RTOL)
 

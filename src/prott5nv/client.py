@@ -176,8 +176,9 @@ class Client:
 class RemoteEncoder:
     """A served model in place of a local :class:`~prott5nv.api.ProtT5nv` for the embedding pipeline
     (:func:`prott5nv.inference.embed.embed_fasta`; `prott5nv embed --server URL`): the server's name,
-    configuration and tokenizer, with :meth:`tokens_to_hiddens` answered by the server. Per-residue states
-    travel as base64 float32, so outputs equal local ones within float32 rounding."""
+    configuration and tokenizer, with :meth:`seqs_to_hiddens` answered by the server (the sequences are
+    sent as they are). Per-residue states travel as base64 float32, so outputs equal local ones within
+    float32 rounding."""
 
     def __init__(self, client: Client) -> None:
         import torch
@@ -196,14 +197,12 @@ class RemoteEncoder:
         self.dtype = getattr(torch, info["dtype"])
         self.device = torch.device("cpu")  # where the returned tensors live
 
-    def tokens_to_hiddens(self, token_ids: Sequence[np.ndarray]) -> tuple[Any, Any]:
-        """As :meth:`prott5nv.api.ProtT5nv.tokens_to_hiddens`: ``(hiddens [B, L_max, D] float32, residue
-        mask [B, L_max] bool)`` on the CPU, computed by the server."""
+    def seqs_to_hiddens(self, seqs: Sequence[str], ids: Sequence[str] | None = None) -> tuple[Any, Any]:
+        """As :meth:`prott5nv.api.ProtT5nv.seqs_to_hiddens`: ``(hiddens [B, L_max, D] float32, residue
+        mask [B, L_max] bool)`` on the CPU, computed by the server from the sequences themselves."""
         import torch
 
-        suffix = self.tokenizer.num_special_suffix
-        seqs = [self.tokenizer.decode(t[: len(t) - suffix]) for t in token_ids]
-        states = self.client.embed(seqs, per_residue=True)
+        states = self.client.embed(seqs, ids, per_residue=True)
         longest = max(len(s) for s in states)
         hiddens = torch.zeros(len(states), longest, self.embedding_dim)
         mask = torch.zeros(len(states), longest, dtype=torch.bool)

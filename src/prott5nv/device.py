@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 
 from .errors import ConfigError
+from .precision import ALIASES
 
 __all__ = ["DTYPES", "bf16_supported", "resolve_device", "resolve_dtype"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # precision.PRECISIONS
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -46,6 +47,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype == "auto":
         return torch.bfloat16 if bf16_supported(device) else torch.float32
     if isinstance(dtype, str):
+        dtype = ALIASES.get(dtype, dtype)
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]

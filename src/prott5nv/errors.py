@@ -8,7 +8,13 @@ class ProtT5nvError(Exception):
 
 
 class InvalidSequenceError(ProtT5nvError, ValueError):
-    """A sequence or FASTA record breaks the input policy (bad character, empty, duplicate id...)."""
+    """A sequence or FASTA record breaks the input policy (bad character, empty, duplicate id...). Where
+    they are known, `record` (the id) and `position` (1-based residue) say where, for callers that report
+    them as fields (the server) rather than reading them back from the message."""
+
+    def __init__(self, message: str, *, record: str | None = None, position: int | None = None) -> None:
+        super().__init__(message)
+        self.record, self.position = record, position
 
 
 class FastaFormatError(InvalidSequenceError):

@@ -57,7 +57,7 @@ def clean_sequence(
     where = _where(record_id, source, line)
     prefix = f"{where}: " if where else ""
     if not seq:
-        raise InvalidSequenceError(f"{prefix}empty sequence")
+        raise InvalidSequenceError(f"{prefix}empty sequence", record=record_id)
     if not _RESIDUE_SET.issuperset(seq):
         chars = list(seq)
         for i, ch in enumerate(chars):
@@ -74,6 +74,6 @@ def clean_sequence(
                 problem = f"unknown residue '{ch}' (use --unknown-to-x to map unknown letters to X)"
             else:
                 problem = f"invalid character {ch!r}"
-            raise InvalidSequenceError(f"{prefix}{problem} at position {i + 1}")
+            raise InvalidSequenceError(f"{prefix}{problem} at position {i + 1}", record=record_id, position=i + 1)
         seq = "".join(chars)
     return seq

@@ -146,7 +146,8 @@ class ProteinTokenizer:
         if (ids < 0).any():
             pos = int(np.argmax(ids < 0))
             who = f"record '{record_id}': " if record_id is not None else ""
-            raise InvalidSequenceError(f"{who}invalid character {seq[pos]!r} at position {pos + 1}")
+            raise InvalidSequenceError(f"{who}invalid character {seq[pos]!r} at position {pos + 1}",
+                                       record=record_id, position=pos + 1)  # fmt: skip
         return ids
 
     def encode(

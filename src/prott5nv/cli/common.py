@@ -5,13 +5,41 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigError
+from ..inference.length import DEFAULT_CHUNK_OVERLAP
+from ..precision import ALIASES, PRECISIONS, canonical_precision
 from ..sequence import SequencePolicy
 
 if TYPE_CHECKING:  # the model stack (torch) is imported by the commands that run a model, when they run
     from ..api import ProtT5nv
 
 #: The names of :data:`prott5nv.device.DTYPES`, without importing torch to build the command line.
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = PRECISIONS
+
+
+def precision_arg(value: str) -> str:
+    """argparse type of every precision flag: the canonical name, aliases (fp32, bf16, fp16) accepted."""
+    try:
+        return canonical_precision(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+
+def precision_or_auto(value: str) -> str:
+    """:func:`precision_arg`, or "auto" (bfloat16 where the device supports it)."""
+    return value if value == "auto" else precision_arg(value)
+
+
+def default_text(value: object) -> str:
+    """How a dataclass default reads in a flag's help ("(default: X)")."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def with_default(help_: str, default: object) -> str:
+    """`help_` ending in the default it states, unless it describes its default itself or has none."""
+    if "default" in help_ or default is None or default == "":
+        return help_
+    return f"{help_} (default: {default_text(default)})"
 
 
 def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "prott5nv-demo") -> None:
@@ -23,9 +51,10 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "prott5nv
     )  # fmt: skip
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument(
-        "--dtype", default="float32", choices=[*DTYPE_NAMES, "auto"],
+        "--dtype", default="float32", type=precision_or_auto, metavar="{" + ",".join([*PRECISIONS, "auto"]) + "}",
         help="compute precision (bfloat16 is the CPU half precision; float16 needs CUDA; auto: bfloat16 "
-        "where supported -- CUDA, CPUs with AVX512-BF16/AMX -- else float32)",
+        "where supported -- CUDA, CPUs with AVX512-BF16/AMX -- else float32; the aliases "
+        f"{', '.join(ALIASES)} are accepted)",
     )  # fmt: skip
 
 
@@ -33,6 +62,34 @@ def add_sequence_policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("input policy")
     g.add_argument("--strip-gaps", action="store_true", help="remove alignment gaps '-' and '.'")
     g.add_argument("--unknown-to-x", action="store_true", help="map letters outside the alphabet to X")
+
+
+def add_length_args(p: argparse.ArgumentParser, *, recorded: bool = False) -> None:
+    """The length policy flags (:mod:`prott5nv.inference.length`), the same for every command reading
+    proteins; :func:`length_options` reads them. `recorded`: the limit and windows default to those a
+    saved predictor recorded (`predict`)."""
+    g = p.add_argument_group("long proteins (default: refuse them, listing them)")
+    limit = "the predictor's" if recorded else "model limit"
+    g.add_argument("--max-length", type=int, default=None, help=f"longest protein allowed (default: {limit})")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--truncate", action="store_true", help="keep the first --max-length residues")
+    how.add_argument(
+        "--chunk", action="store_true",
+        help="embed overlapping windows and stitch them (each residue from the window where it is farthest "
+        "from an edge); poolings are over the stitched residues",
+    )  # fmt: skip
+    size = "the predictor's, else --max-length" if recorded else "--max-length"
+    overlap = f"the predictor's, else {DEFAULT_CHUNK_OVERLAP}" if recorded else DEFAULT_CHUNK_OVERLAP
+    g.add_argument("--chunk-size", type=int, default=None, help=f"window length (default: {size})")
+    g.add_argument("--chunk-overlap", type=int, default=None if recorded else DEFAULT_CHUNK_OVERLAP,
+                   help=f"residues shared by neighbouring windows (default: {overlap})")  # fmt: skip
+
+
+def length_options(args: argparse.Namespace) -> dict:
+    """The length flags as the arguments of :func:`prott5nv.inference.length.resolve`."""
+    mode = "truncate" if args.truncate else "chunk" if args.chunk else "refuse"
+    return {"max_length": args.max_length, "mode": mode, "chunk_size": args.chunk_size,
+            "chunk_overlap": args.chunk_overlap}  # fmt: skip
 
 
 def sequence_policy(args: argparse.Namespace) -> SequencePolicy:

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .common import DTYPE_NAMES
+from .common import DTYPE_NAMES, precision_arg
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", type=Path)
     p.add_argument("--to", choices=("native", "hf"), default="native", help="output format (default: native)")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="convert the weights (default: keep fp32)")
+    p.add_argument("--dtype", type=precision_arg, default=None, metavar="{" + ",".join(DTYPE_NAMES) + "}",
+                   help="convert the weights (default: keep float32; fp32, bf16, fp16 accepted)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run)
 

@@ -12,8 +12,16 @@ import os
 
 from tqdm import tqdm
 
+from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..inference.writers import FORMATS, POOLINGS
-from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
+from .common import (
+    add_length_args,
+    add_model_args,
+    add_sequence_policy_args,
+    length_options,
+    load_model,
+    sequence_policy,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_server_args(p)
     _add_output_args(p)
     _add_batching_args(p)
-    _add_long_protein_args(p)
+    add_length_args(p)
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
 
@@ -74,28 +82,14 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def _add_batching_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batching and threads")
     g.add_argument(
-        "--batch-tokens", type=int, default=4096,
-        help="token budget per batch, padding included (default: 4096)",
+        "--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+        help=f"token budget per batch, padding included (default: {DEFAULT_BATCH_TOKENS})",
     )  # fmt: skip
     g.add_argument("--window", type=int, default=4096, help="records sorted by length together (default: 4096)")
     g.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads per process (default: PyTorch's choice, divided among local torchrun processes)",
     )  # fmt: skip
-
-
-def _add_long_protein_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("long proteins (default: refuse them, listing them)")
-    g.add_argument("--max-length", type=int, default=None, help="longest protein allowed (default: model limit)")
-    how = g.add_mutually_exclusive_group()
-    how.add_argument("--truncate", action="store_true", help="keep the first --max-length residues")
-    how.add_argument(
-        "--chunk", action="store_true",
-        help="embed overlapping windows and stitch them (each residue from the window where it is farthest "
-        "from an edge); poolings are over the stitched residues",
-    )  # fmt: skip
-    g.add_argument("--chunk-size", type=int, default=None, help="window length (default: --max-length)")
-    g.add_argument("--chunk-overlap", type=int, default=128, help="residues shared by neighbouring windows")
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -118,14 +112,15 @@ def run(args: argparse.Namespace) -> int:
     if threads:
         torch.set_num_threads(threads)
     model = encoder(args)
+    length = length_options(args)
     options = EmbedOptions(
         per_residue=args.per_residue,
         poolings=tuple(p.strip() for p in args.pooling.split(",") if p.strip()) if args.pooling else None,
         batch_tokens=args.batch_tokens,
-        max_length=args.max_length,
-        long_policy="truncate" if args.truncate else "chunk" if args.chunk else "refuse",
-        chunk_size=args.chunk_size,
-        chunk_overlap=args.chunk_overlap,
+        max_length=length["max_length"],
+        long_policy=length["mode"],
+        chunk_size=length["chunk_size"],
+        chunk_overlap=length["chunk_overlap"],
         policy=sequence_policy(args),
         window=args.window,
         format=args.format,

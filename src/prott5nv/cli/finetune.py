@@ -16,25 +16,35 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..downstream import HEADS
 from ..downstream.features import FEATURES, default_cache_dir
+from ..downstream.options import FitOptions
 from ..downstream.tasks import KINDS
-from .common import add_model_args, add_sequence_policy_args, sequence_policy
+from .common import (
+    add_length_args,
+    add_model_args,
+    add_sequence_policy_args,
+    length_options,
+    sequence_policy,
+    with_default,
+)
 
-# (FitOptions field, type, help): flags map 1:1 onto the fields
+# (FitOptions field, type, help): flags map 1:1 onto the fields; "(default: X)" comes from FitOptions
 FIT_FLAGS: list[tuple[str, type, str]] = [
     ("hidden", int, "hidden size: MLP units (default 256) or CNN channels (default 32)"),
-    ("dropout", float, "head dropout (default: 0.25)"),
+    ("dropout", float, "head dropout"),
     ("lr", float, "learning rate (default: 1e-3 frozen, 1e-4 with --finetune; the head gets 10x)"),
-    ("weight_decay", float, "AdamW weight decay (default: 0)"),
-    ("batch_size", int, "proteins per batch (default: 64)"),
-    ("max_epochs", int, "epochs at most (default: 100)"),
-    ("patience", int, "stop after N epochs without a better val score (default: 10)"),
-    ("seed", int, "seed for the split, subsampling, initialisation and shuffling (default: 0)"),
+    ("weight_decay", float, "AdamW weight decay"),
+    ("batch_size", int, "proteins per batch"),
+    ("max_epochs", int, "epochs at most"),
+    ("patience", int, "stop after N epochs without a better val score"),
+    ("seed", int, "seed for the split, subsampling, initialisation and shuffling"),
     ("unfreeze_layers", int, "with --finetune: train only the top N encoder blocks (default: all)"),
-    ("warmup_steps", int, "with --finetune: warmup of the inverse-sqrt schedule (default: 0 = constant lr)"),
+    ("warmup_steps", int, "with --finetune: warmup of the inverse-sqrt schedule (0 = constant lr)"),
     ("max_steps", int, "with --finetune: optimizer steps at most"),
 ]
+FIT_DEFAULTS = FitOptions()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,10 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--class-weights", action="store_true", help="balanced class weights against imbalance")
     h.add_argument("--finetune", action="store_true", help="train the encoder together with the head")
     for name, typ, help_ in FIT_FLAGS:
-        h.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+        h.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=with_default(help_, getattr(FIT_DEFAULTS, name)))  # fmt: skip
     e = add_embedding_args(p)
-    e.add_argument("--max-length", type=int, help="cut proteins to N residues (default: the model's limit)")
     e.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
+    add_length_args(p)
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
 
@@ -80,10 +91,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_embedding_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """--batch-tokens and the embedding cache flags (finetune and predict); `cache_dir(args)` reads them."""
     e = p.add_argument_group("embedding")
-    e.add_argument("--batch-tokens", type=int, default=4096, help="token budget per batch (default: 4096)")
+    e.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                   help=f"token budget per batch (default: {DEFAULT_BATCH_TOKENS})")  # fmt: skip
     e.add_argument("--cache-dir", default=None, help=f"embedding cache (default: {default_cache_dir()})")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     return e
+
+
+def length_kwargs(args: argparse.Namespace) -> dict:
+    """The length flags as :func:`~prott5nv.downstream.run.finetune_task` / `predict_file` arguments."""
+    length = length_options(args)
+    return {"long_policy": length.pop("mode"), **length}
 
 
 def cache_dir(args: argparse.Namespace) -> str | None:
@@ -106,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..downstream.run import finetune_task
-    from ..downstream.training import FitOptions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,9 +137,8 @@ def run(args: argparse.Namespace) -> int:
             target=args.target, kind=args.kind, labels=args.labels, sequence_column=args.sequence_column,
             mask_column=args.mask_column, split_column=args.split_column,
             classes=args.classes.split(",") if args.classes else None, val_fraction=args.val_fraction,
-            max_train=args.max_train, max_eval=args.max_eval, max_length=args.max_length,
-            cache_dir=cache_dir(args),
-            device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens,
+            max_train=args.max_train, max_eval=args.max_eval, **length_kwargs(args),
+            cache_dir=cache_dir(args), device=args.device, dtype=args.dtype,
             policy=sequence_policy(args), progress=make,
         )  # fmt: skip
     finally:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_sequence_policy_args, sequence_policy
-from .finetune import add_embedding_args, cache_dir, progress_bars
+from .common import add_length_args, add_sequence_policy_args, sequence_policy
+from .finetune import add_embedding_args, cache_dir, length_kwargs, progress_bars
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="base model (default: the one recorded in the run; must have the same weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     add_embedding_args(p)
+    add_length_args(p, recorded=True)
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         summary = predict_file(
             args.run_dir, args.input, args.output, model=load(args.model, device=args.device) if args.model else None,
             device=args.device, cache_dir=cache_dir(args),
-            batch_tokens=args.batch_tokens, policy=sequence_policy(args), progress=make,
+            batch_tokens=args.batch_tokens, policy=sequence_policy(args), progress=make, **length_kwargs(args),
         )  # fmt: skip
     finally:
         for bar in bars:

@@ -14,52 +14,56 @@ import yaml
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..train.config import PRECISIONS, TrainConfig
+from ..precision import ALIASES, PRECISIONS
+from ..train.config import TrainConfig
+from .common import with_default
 
-# (field, type, help) -- every TrainConfig field settable from the command line
+# (field, type, help) -- every TrainConfig field settable from the command line; "(default: X)" is added
+# from TrainConfig (helps that say "default" themselves describe a default computed from other settings)
 FLAGS: list[tuple[str, type, str]] = [
     ("data", str, "data directory written by `prott5nv preprocess`"),
     ("out", str, "run directory (checkpoints, metrics.jsonl, config.yaml, final model/)"),
-    ("preset", str, "model shape: tiny, small, prott5nv-base (default: small)"),
+    ("preset", str, "model shape: tiny, small, prott5nv-base"),
     ("init_from", str, "start from these weights (native, .nemo or HF) with a fresh optimizer"),
-    ("position_init", str, "position table of a fresh model: normal (NeMo's, default) or sinusoidal (sin/cos "
+    ("position_init", str, "position table of a fresh model: normal (NeMo's) or sinusoidal (sin/cos "
      "start, still trained: attention finds neighbours sooner)"),
-    ("max_steps", int, "optimizer steps (default: 1000)"),
+    ("max_steps", int, "optimizer steps"),
     ("max_minutes", float, "also stop after this many minutes of training (checkpoint and model saved; "
      "rerunning resumes)"),
-    ("micro_batch_size", int, "sequences per rank per forward pass (default: 12)"),
-    ("accumulate", int, "micro-batches per optimizer step (default: 1)"),
+    ("micro_batch_size", int, "sequences per rank per forward pass"),
+    ("accumulate", int, "micro-batches per optimizer step"),
     ("global_batch_size", int, "sequences per step over all ranks; sets --accumulate"),
-    ("lr", float, "peak learning rate (default: 1e-4)"),
+    ("lr", float, "peak learning rate"),
     ("warmup_steps", int, "linear warmup steps (default: 1%% of --max-steps)"),
-    ("min_lr", float, "learning rate after --max-steps (default: 0)"),
-    ("weight_decay", float, "decoupled weight decay on weights and embeddings (default: 0.01)"),
-    ("clip_grad", float, "gradient-norm clipping (default: 1.0)"),
-    ("precision", str, f"one of {', '.join(PRECISIONS)} (default: fp32)"),
+    ("min_lr", float, "learning rate after --max-steps"),
+    ("weight_decay", float, "decoupled weight decay on weights and embeddings"),
+    ("clip_grad", float, "gradient-norm clipping"),
+    ("precision", str, f"one of {', '.join(PRECISIONS)} ({', '.join(ALIASES)} accepted)"),
     ("dropout", float, "dropout everywhere (default: the model's, 0.1)"),
-    ("seq_length", int, "encoder length (default: 512)"),
+    ("seq_length", int, "encoder length"),
     ("seq_length_dec", int, "decoder length (default: 256 for span, --seq-length for denoise/mixed)"),
-    ("masked_lm_prob", float, "fraction of tokens masked (default: 0.15)"),
-    ("mean_span_length", float, "mean masked span length (default: 1 = single tokens, as ProtT5nv)"),
-    ("objective", str, "span (T5 span corruption, ProtT5nv's; default), denoise (Rostlab ProtT5's: 15%% of "
+    ("masked_lm_prob", float, "fraction of tokens masked"),
+    ("mean_span_length", float, "mean masked span length (1 = single tokens, as ProtT5nv)"),
+    ("objective", str, "span (T5 span corruption, ProtT5nv's), denoise (Rostlab ProtT5's: 15%% of "
      "residues masked in place, the decoder rebuilds the whole sequence) or mixed (each sample one or the other)"),
-    ("denoise_fraction", float, "mixed: share of samples denoised (default: 0.5)"),
+    ("denoise_fraction", float, "mixed: share of samples denoised"),
     ("encoder_loss_weight", float, "denoise/mixed: add this weight x the cross-entropy of every residue predicted "
      "from the encoder's state at its position by the (tied) LM head: the features must keep each residue and "
-     "infer the corrupted ones from context (default: 0)"),
-    ("seed", int, "seed for initialisation, shuffling and masking (default: 1234)"),
-    ("val_every", int, "validate every N steps (default: 200)"),
-    ("val_samples", int, "validation sequences used (default: 1000)"),
-    ("save_every", int, "checkpoint every N steps (default: 500)"),
-    ("keep_last", int, "checkpoints kept (default: 3)"),
-    ("log_every", int, "metrics row every N steps (default: 10)"),
-    ("num_workers", int, "DataLoader worker processes (default: 0)"),
-    ("device", str, "cpu, cuda or auto (default: auto)"),
+     "infer the corrupted ones from context"),
+    ("seed", int, "seed for initialisation, shuffling and masking"),
+    ("val_every", int, "validate every N steps"),
+    ("val_samples", int, "validation sequences used"),
+    ("save_every", int, "checkpoint every N steps"),
+    ("keep_last", int, "checkpoints kept"),
+    ("log_every", int, "metrics row every N steps"),
+    ("num_workers", int, "DataLoader worker processes"),
+    ("device", str, "cpu, cuda or auto"),
     ("threads", int, "torch threads per process (default: PyTorch's)"),
     ("probe_task", str, "downstream classification task file (CSV, see `finetune`): a linear probe on frozen "
      "embeddings is trained and scored every --probe-every steps (rank 0; metrics.jsonl probe_accuracy)"),
-    ("probe_every", int, "steps between downstream probes (default: 1000)"),
+    ("probe_every", int, "steps between downstream probes"),
 ]
+DEFAULTS = TrainConfig()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
     for name, typ, help_ in FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=with_default(help_, getattr(DEFAULTS, name)))  # fmt: skip
     p.add_argument(
         "--model-override", action="append", default=[], metavar="KEY=VALUE",
         help="override a model config field, e.g. num_layers=4 (repeatable)",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import read_fasta
 from ..fsutil import atomic_text_file
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output CSV (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="masking seed (default: 0)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of residues masked (default: 0.15)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="token budget per batch (default: 4096)")
+    p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                   help=f"token budget per batch (default: {DEFAULT_BATCH_TOKENS})")  # fmt: skip
     p.add_argument("--pll", action="store_true", help="all-positions pseudo-likelihood instead: every residue "
                    "masked alone (one encoder pass per residue); n_masked = residues scored, perplexity = "
                    "pseudo-perplexity")  # fmt: skip

@@ -13,6 +13,9 @@ import numpy as np
 
 from ..errors import ConfigError
 
+#: Padded tokens per inference batch (embed, score, finetune/predict, the server): the one default.
+DEFAULT_BATCH_TOKENS = 4096
+
 
 @dataclass(frozen=True)
 class BatchStats:

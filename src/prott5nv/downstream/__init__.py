@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "Task": "tasks", "TaskData": "tasks", "load_task": "tasks", "KINDS": "tasks",
-    "FitOptions": "training", "FitResult": "training", "fit_frozen": "training", "fit_finetune": "training",
+    "FitOptions": "options", "FitResult": "training", "fit_frozen": "training", "fit_finetune": "training",
     "Head": "heads",
     "EmbeddingFeaturizer": "features", "OneHotFeaturizer": "features", "make_featurizer": "features",
     "OneHotWindowFeaturizer": "features", "DipeptideFeaturizer": "features", "save_untrained": "features",

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..errors import ConfigError
+from ..inference.length import DEFAULT_CHUNK_OVERLAP, LengthPolicy, resolve
 from ..sequence import RESIDUES, STANDARD_RESIDUES
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,6 @@ def default_cache_dir() -> Path:
 
 def sequence_key(seq: str) -> str:
     return hashlib.md5(seq.encode()).hexdigest()
-
-
-def length_limit(*limits: int | None) -> int | None:
-    """The smallest of the given limits (None = no limit)."""
-    given = [x for x in limits if x is not None]
-    return min(given) if given else None
 
 
 class OneHotFeaturizer:
@@ -225,9 +221,11 @@ class EmbeddingCache:
 
 class EmbeddingFeaturizer:
     """Frozen-encoder features of a loaded :class:`~prott5nv.api.ProtT5nv`. Proteins longer than the
-    model's limit are truncated to it (counted in :attr:`truncated`) or, with `chunk_overlap`, embedded as
-    overlapping windows of the limit stitched back together as ``embed --chunk`` does (counted in
-    :attr:`chunked`; per protein: the mean over the stitched residues)."""
+    limit follow the `length` policy (:mod:`prott5nv.inference.length`): refused, truncated (counted in
+    :attr:`truncated`) or embedded as overlapping windows stitched back together as ``embed --chunk``
+    does (counted in :attr:`chunked`; per protein: the mean over the stitched residues). Without
+    `length`, the limit is the model's (or a smaller `max_length`) and long proteins are truncated, or
+    chunked in windows of the limit when `chunk_overlap` is given."""
 
     name = "embeddings"
 
@@ -235,21 +233,22 @@ class EmbeddingFeaturizer:
         self,
         model: Any,
         *,
-        batch_tokens: int = 4096,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         cache_dir: str | Path | None = None,
         model_name: str = "",
         max_length: int | None = None,
         chunk_overlap: int | None = None,
+        length: LengthPolicy | None = None,
     ) -> None:
         self.model = model
         self.dim = model.embedding_dim
         self.batch_tokens = batch_tokens
-        self.max_length = length_limit(model.max_length, max_length)
-        self.chunk_overlap = chunk_overlap if self.max_length is not None else None
-        if self.chunk_overlap is not None:
-            from ..inference.chunking import check_chunking
-
-            check_chunking(self.max_length, self.chunk_overlap, self.max_length)  # type: ignore[arg-type]
+        if length is None:
+            mode = "truncate" if chunk_overlap is None else "chunk"
+            length = resolve(model, max_length, mode, chunk_overlap=chunk_overlap or DEFAULT_CHUNK_OVERLAP)
+        self.length = length
+        self.max_length = length.limit
+        self.chunk_overlap = length.chunk_overlap if length.window is not None else None
         self.model_name = model_name or getattr(model, "name", "")
         self._fingerprint: str | None = None
         self.cache = EmbeddingCache(cache_dir, self.fingerprint) if cache_dir else None
@@ -263,18 +262,19 @@ class EmbeddingFeaturizer:
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        chunk = {} if self.chunk_overlap is None else {"chunk_overlap": self.chunk_overlap}
+        window = self.length.window
+        chunk = {} if window is None else {"chunk_overlap": self.chunk_overlap, "chunk_size": window}
         return {"type": self.name, "model": self.model_name, "fingerprint": self.fingerprint,
                 "max_length": self.max_length, "pooling": "mean", **chunk,
                 "dtype": str(self.model.dtype).removeprefix("torch.")}  # fmt: skip
 
     def _long(self, seq: str) -> bool:
-        return self.max_length is not None and len(seq) > self.max_length
+        return self.length.too_long(len(seq))
 
     def _cut(self, seqs: Sequence[str]) -> list[str]:
         if self.max_length is None:
             return list(seqs)
-        n = sum(map(self._long, seqs))
+        n = self.length.check([f"sequence {i + 1}" for i in range(len(seqs))], [len(s) for s in seqs])
         if self.chunk_overlap is not None:
             self.chunked = n
             if n:
@@ -284,12 +284,12 @@ class EmbeddingFeaturizer:
         if n:
             log.info("%d protein(s) longer than %d residues: using their first %d", n, self.max_length,
                      self.max_length)  # fmt: skip
-        return [s[: self.max_length] for s in seqs]
+        return [self.length.cut(s) for s in seqs]
 
     def _key(self, seq: str) -> str:
         """MD5 of the sequence; a chunked protein's key also names the windows (another overlap, another
         key). A truncating run never stores a protein longer than the limit, so the keys cannot meet."""
-        return sequence_key(f"{seq}:chunk{self.max_length},{self.chunk_overlap}" if self._long(seq) else seq)
+        return sequence_key(f"{seq}:chunk{self.length.window},{self.chunk_overlap}" if self._long(seq) else seq)
 
     def _embed(self, seqs: list[str], per_residue: bool, progress: Progress | None) -> list[np.ndarray]:
         from ..data.batching import token_budget_batches
@@ -311,7 +311,7 @@ class EmbeddingFeaturizer:
 
     def _compute(self, seqs: list[str], per_residue: bool, progress: Progress | None) -> list[np.ndarray]:
         """Features of proteins that fit the limit, and of longer ones (only with chunking) from windows."""
-        from ..inference.chunking import chunk_starts, stitch
+        from ..inference.chunking import stitch
 
         long = [i for i, s in enumerate(seqs) if self._long(s)]
         if not long:
@@ -320,9 +320,9 @@ class EmbeddingFeaturizer:
         out: list[np.ndarray] = [np.empty(0)] * len(seqs)
         for i, f in zip(short, self._embed([seqs[i] for i in short], per_residue, progress), strict=True):
             out[i] = f
-        size, windows, starts = self.max_length, [], {}
+        size, windows, starts = self.length.window, [], {}
         for i in long:
-            starts[i] = chunk_starts(len(seqs[i]), size, self.chunk_overlap)  # type: ignore[arg-type]
+            starts[i] = self.length.starts(len(seqs[i]))
             windows += [seqs[i][a : a + size] for a in starts[i]]  # type: ignore[operator]
         pieces = iter(self._embed(windows, True, None))
         for i in long:

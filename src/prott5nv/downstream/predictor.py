@@ -19,7 +19,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..errors import CheckpointError, ConfigError
+from ..inference.length import DEFAULT_CHUNK_OVERLAP, LengthPolicy, resolve
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
 from .features import EmbeddingFeaturizer, make_featurizer
 from .heads import Head
@@ -36,12 +38,17 @@ class Predictor:
     """A trained head with its features: frozen (a featurizer) or fine-tuned (its own encoder)."""
 
     def __init__(self, task: Task, head: Head, *, featurizer: Any = None, model: Any = None,
-                 max_length: int | None = None, batch_size: int = 64, batch_tokens: int = 4096) -> None:  # fmt: skip
+                 max_length: int | None = None, batch_size: int = 64, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 length: LengthPolicy | None = None) -> None:  # fmt: skip
+        """`length`: the fine-tuned model's length policy (default: cut to `max_length`, else its limit)."""
         if (featurizer is None) == (model is None):
             raise ConfigError("a predictor needs either a featurizer (frozen) or a model (fine-tuned)")
         self.task, self.head = task, head.eval()
         self.featurizer, self.model = featurizer, model
         self.max_length, self.batch_size, self.batch_tokens = max_length, batch_size, batch_tokens
+        self.length = length if featurizer is None else getattr(featurizer, "length", None)
+        if model is not None and length is None:
+            self.length = resolve(model, max_length, "truncate")
 
     @property
     def finetuned(self) -> bool:
@@ -57,7 +64,7 @@ class Predictor:
         if self.model is not None:
             from .training import EncoderHead
 
-            rows: Any = TokenRows(self.task, self.model, seqs, None, self.max_length, self.batch_tokens)
+            rows: Any = TokenRows(self.task, self.model, seqs, None, self.length, self.batch_tokens)
             net: Any = EncoderHead(self.model.model, self.head, self.model.tokenizer.num_special_suffix)
             preds, probs, _ = run_net(net, self.head, self.task, rows, self.batch_size)
             if progress:
@@ -72,8 +79,9 @@ class Predictor:
         self, seqs: Sequence[str] | str, ids: Sequence[str] | None = None, policy: SequencePolicy = DEFAULT_POLICY
     ) -> list[Any]:
         """Predictions in the task's terms: a class name, a per-residue label string, a number (a list
-        for several targets) or a per-residue float array. Proteins longer than the model's limit are
-        cut to it (per-residue predictions then cover the first residues only)."""
+        for several targets) or a per-residue float array. Proteins longer than the limit follow the
+        length policy given to :func:`load_predictor` (refused by default; truncated ones get per-residue
+        predictions for their first residues only)."""
         seqs = [seqs] if isinstance(seqs, str) else list(seqs)
         names = list(ids) if ids is not None else [f"sequence {i + 1}" for i in range(len(seqs))]
         clean = [clean_sequence(s, n, policy) for s, n in zip(seqs, names, strict=True)]
@@ -126,11 +134,17 @@ def load_predictor(
     device: str = "cpu",
     dtype: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-    batch_tokens: int = 4096,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    long_policy: str = "refuse",
+    max_length: int | None = None,
+    chunk_size: int | None = None,
+    chunk_overlap: int | None = None,
 ) -> Predictor:
     """Load a predictor saved by ``prott5nv finetune``. A frozen-feature predictor loads its base model
     from the recorded name/path unless `model` (a loaded :class:`~prott5nv.api.ProtT5nv`) is given;
-    either way the model's fingerprint must match the one it was trained on."""
+    either way the model's fingerprint must match the one it was trained on. Proteins longer than the
+    limit (the recorded one, or a smaller `max_length`) follow `long_policy` (refuse, truncate or chunk:
+    :mod:`prott5nv.inference.length`); windows default to the recorded ones."""
     from ..api import load
 
     run = Path(run_dir)
@@ -151,18 +165,27 @@ def load_predictor(
     except (KeyError, TypeError, RuntimeError, OSError, SafetensorError) as exc:
         raise CheckpointError(f"{run}: invalid predictor files: {exc}") from None
     features = desc["features"]
-    max_length = desc.get("max_length")
+    recorded = desc.get("max_length")
+    if max_length is not None and recorded is not None and max_length > recorded:
+        raise ConfigError(f"--max-length {max_length} exceeds the predictor's maximum of {recorded} residues")
+    max_length = max_length or recorded
+    overlap = chunk_overlap if chunk_overlap is not None else features.get("chunk_overlap", DEFAULT_CHUNK_OVERLAP)
+    size = chunk_size if chunk_size is not None else features.get("chunk_size")
     if features["type"] == "finetuned":
         tuned = load(run / features["model"], device=device, dtype=dtype)
-        return Predictor(task, head.to(tuned.device), model=tuned, max_length=max_length, batch_tokens=batch_tokens)
+        length = resolve(tuned, max_length, long_policy, size, overlap)
+        if length.window is not None:
+            raise ConfigError("a fine-tuned predictor reads whole proteins: use --truncate, not --chunk")
+        return Predictor(task, head.to(tuned.device), model=tuned, max_length=max_length, batch_tokens=batch_tokens,
+                         length=length)  # fmt: skip
     if features["type"] == "embeddings":
         if model is None:
             if not features.get("model"):
                 raise ConfigError(f"{desc_path}: the base model was not recorded; pass model=")
             model = load(features["model"], device=device, dtype=dtype or features.get("dtype"))
-        featurizer = EmbeddingFeaturizer(model, cache_dir=cache_dir, batch_tokens=batch_tokens, max_length=max_length,
-                                         model_name=features.get("model", ""),
-                                         chunk_overlap=features.get("chunk_overlap"))  # fmt: skip
+        length = resolve(model, max_length, long_policy, size, overlap)
+        featurizer = EmbeddingFeaturizer(model, cache_dir=cache_dir, batch_tokens=batch_tokens, length=length,
+                                         model_name=features.get("model", ""))  # fmt: skip
         if featurizer.fingerprint != features.get("fingerprint"):
             raise CheckpointError(
                 f"{run}: the base model {features.get('model') or getattr(model, 'name', '')!r} is not the one this "

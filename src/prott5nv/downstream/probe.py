@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..errors import ConfigError
 from .features import EmbeddingFeaturizer
 from .tasks import load_task
@@ -23,7 +24,7 @@ class PretrainProbe:
     per-residue classification task file (read once, at construction)."""
 
     def __init__(self, task_file: str | os.PathLike, *, seed: int = 0, max_epochs: int = 30,
-                 batch_tokens: int = 4096) -> None:  # fmt: skip
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> None:  # fmt: skip
         self.data = load_task(task_file, seed=seed)
         if not self.data.task.classification:
             raise ConfigError(f"--probe-task {task_file}: the probe needs a classification task, "

@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..errors import ConfigError
 from ..fsutil import atomic_directory, atomic_text_file
+from ..inference.length import DEFAULT_CHUNK_OVERLAP
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
 from .features import PER_PROTEIN_ONLY, PER_RESIDUE_ONLY, make_featurizer
 from .metrics import summary_line, task_metrics
+from .options import FitOptions
 from .plots import write_plots
 from .predictor import Predictor, load_predictor
 from .tasks import TaskData, label_text, load_task, read_rows, resolve_columns
-from .training import FitOptions, fit_finetune, fit_frozen
+from .training import fit_finetune, fit_frozen
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +67,27 @@ def finetune_task(
     max_train: int | None = None,
     max_eval: int | None = None,
     max_length: int | None = None,
+    long_policy: str = "refuse",
+    chunk_size: int | None = None,
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
     cache_dir: str | os.PathLike | None = None,
     device: str = "cpu",
     dtype: str | None = None,
-    batch_tokens: int = 4096,
+    batch_tokens: int | None = None,
     policy: SequencePolicy = DEFAULT_POLICY,
     progress: ProgressFactory | None = None,
 ) -> RunSummary:
     """Train a predictor for `task_file` and save it in `out`. `model`: a name/path or a loaded
     :class:`~prott5nv.api.ProtT5nv` (ignored with the features without a model: composition, dipeptide,
     onehot, onehot-window, whose half-width is `window`). `max_train` / `max_eval` keep seeded random
-    subsets of the training / of the val and test rows."""
+    subsets of the training / of the val and test rows. Proteins longer than the limit (`max_length`,
+    default the model's) follow `long_policy` (refuse, truncate or chunk: :mod:`prott5nv.inference.length`).
+    `batch_tokens` defaults to the options'."""
     from ..api import ProtT5nv, load
+    from ..inference.length import resolve
 
     opts = options or FitOptions()
+    batch_tokens = batch_tokens or opts.batch_tokens
     data = load_task(task_file, target=target, kind=kind, labels=labels, sequence_column=sequence_column,
                      mask_column=mask_column, split_column=split_column, classes=classes,
                      val_fraction=val_fraction, seed=opts.seed, policy=policy)  # fmt: skip
@@ -98,17 +108,23 @@ def finetune_task(
     loaded = None
     if features == "embeddings" or opts.finetune:
         loaded = model if isinstance(model, ProtT5nv) else load(model, device=device, dtype=dtype)
+    length = None
+    if loaded is not None:
+        length = resolve(loaded, max_length, long_policy, chunk_size, chunk_overlap)
+        if opts.finetune and length.window is not None:
+            raise ConfigError("fine-tuning trains the encoder on whole proteins: use --truncate, not --chunk")
+        length.check(data.ids, [len(s) for s in data.sequences], source=str(task_file))
     model_name = getattr(loaded, "name", "") if isinstance(model, ProtT5nv) else str(model)
     if model_name and Path(model_name).exists():
         model_name = str(Path(model_name).resolve())
     total = sum(map(len, data.sequences))
     if opts.finetune:
-        result = fit_finetune(data, loaded, opts, max_length=max_length)
+        result = fit_finetune(data, loaded, opts, length=length)
         tuned = ProtT5nv(result.encoder, loaded.tokenizer, device=loaded.device, dtype=loaded.dtype, name="model")
-        predictor = Predictor(data.task, result.head, model=tuned, max_length=max_length, batch_tokens=batch_tokens)
+        predictor = Predictor(data.task, result.head, model=tuned, max_length=max_length, batch_tokens=batch_tokens,
+                              length=length)  # fmt: skip
     else:
-        settings = {"batch_tokens": batch_tokens, "cache_dir": cache_dir, "model_name": model_name,
-                    "max_length": max_length}  # fmt: skip
+        settings = {"batch_tokens": batch_tokens, "cache_dir": cache_dir, "model_name": model_name, "length": length}
         featurizer = make_featurizer(features, loaded, window=window, **(settings if loaded else {}))
         update = progress("features", total) if progress else None
         result = fit_frozen(data, featurizer, opts, progress=update)
@@ -162,15 +178,21 @@ def predict_file(
     device: str = "cpu",
     dtype: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-    batch_tokens: int = 4096,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     policy: SequencePolicy = DEFAULT_POLICY,
     progress: ProgressFactory | None = None,
+    long_policy: str = "refuse",
+    max_length: int | None = None,
+    chunk_size: int | None = None,
+    chunk_overlap: int | None = None,
 ) -> PredictSummary:
     """Predict every protein of a FASTA or CSV/TSV file; the output table (CSV, or TSV for .tsv) has
     ``id, sequence, <target>`` (+ ``probability`` for per-protein classes). When the input holds the
-    target column, the predictions are scored too (metrics in the summary)."""
+    target column, the predictions are scored too (metrics in the summary). Proteins longer than the
+    predictor's limit follow `long_policy` (see :func:`load_predictor`)."""
     predictor = load_predictor(run_dir, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
-                               batch_tokens=batch_tokens)  # fmt: skip
+                               batch_tokens=batch_tokens, long_policy=long_policy, max_length=max_length,
+                               chunk_size=chunk_size, chunk_overlap=chunk_overlap)  # fmt: skip
     task = predictor.task
     table = read_rows(input_file, policy=policy)
     cols = resolve_columns(table.columns, str(input_file), require_target=False)
@@ -188,6 +210,8 @@ def predict_file(
             seqs.append(clean_sequence(row[cols.sequence], rid, policy, source=path, line=int(line)))
     if not seqs:
         raise ConfigError(f"{input_file}: no proteins")
+    if predictor.length is not None:
+        predictor.length.check(ids, [len(s) for s in seqs], source=str(input_file))
     update = progress("predict", sum(map(len, seqs))) if progress else None
     preds, probs = predictor.predict_encoded(seqs, update)
     metrics = None

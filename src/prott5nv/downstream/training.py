@@ -14,7 +14,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,52 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .features import length_limit
+from ..inference.length import LengthPolicy, resolve
 from .heads import Head
 from .metrics import score, task_metrics
+from .options import FitOptions
 from .tasks import SPLITS, Task, TaskData
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FitOptions:
-    """Head and optimisation settings (CLI flags map onto these)."""
-
-    head: str = "mlp"
-    hidden: int | None = None  # default: 256 (mlp), 32 (cnn, BioNeMo's cnn_dim)
-    dropout: float = 0.25
-    lr: float | None = None  # default: 1e-3 frozen, 1e-4 fine-tuning (the head gets head_lr_scale x)
-    weight_decay: float = 0.0
-    batch_size: int = 64  # proteins per batch
-    max_epochs: int = 100
-    patience: int = 10  # epochs without a better val score before stopping
-    class_weights: bool = False  # "balanced": n / (classes * count)
-    seed: int = 0
-    # fine-tuning
-    finetune: bool = False
-    unfreeze_layers: int | None = None  # top N encoder blocks trained (None: all)
-    batch_tokens: int = 4096
-    warmup_steps: int = 0
-    max_steps: int | None = None
-    head_lr_scale: float = 10.0
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "max_epochs", "patience", "batch_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.unfreeze_layers is not None and self.unfreeze_layers < 0:
-            raise ConfigError(f"unfreeze_layers must be >= 0, got {self.unfreeze_layers}")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-4 if self.finetune else 1e-3)
-
-    def hidden_size(self) -> int:
-        return self.hidden if self.hidden is not None else (32 if self.head == "cnn" else 256)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -128,9 +89,10 @@ class TokenRows:
     """Tokenized rows for fine-tuning / fine-tuned prediction, batched under a token budget."""
 
     def __init__(self, task: Task, model: Any, seqs: Sequence[str], labels: Sequence[Any] | None,
-                 max_length: int | None, batch_tokens: int) -> None:  # fmt: skip
+                 length: LengthPolicy, batch_tokens: int) -> None:  # fmt: skip
         self.task, self.model, self.labels, self.batch_tokens = task, model, labels, batch_tokens
-        cut = [s[:max_length] if max_length else s for s in seqs]
+        length.check([f"sequence {i + 1}" for i in range(len(seqs))], [len(s) for s in seqs])
+        cut = [length.cut(s) for s in seqs]
         self.tokens = model.encode(cut)
         self.residues = [len(s) for s in cut]
 
@@ -358,17 +320,21 @@ def fit_finetune(
     opts: FitOptions,
     *,
     max_length: int | None = None,
+    length: LengthPolicy | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train a copy of the encoder of `model` (a :class:`~prott5nv.api.ProtT5nv`) with a head; the
-    result's `encoder` is the tuned copy. Proteins are cut to `max_length` (default: the model's limit)."""
+    result's `encoder` is the tuned copy. Long proteins follow `length` (default: cut to `max_length`, or
+    to the model's limit); the encoder is trained on whole proteins, so chunking is refused."""
     from ..train.optim import inverse_sqrt_lr, param_groups
 
     task = data.task
     torch.manual_seed(opts.seed)
-    limit = length_limit(model.max_length, max_length)
+    length = length or resolve(model, max_length, "truncate")
+    if length.window is not None:
+        raise ConfigError("fine-tuning trains the encoder on whole proteins: use --truncate, not --chunk")
     index = _split_rows(data)
-    rows = {s: TokenRows(task, model, [data.sequences[i] for i in idx], [data.labels[i] for i in idx], limit,
+    rows = {s: TokenRows(task, model, [data.sequences[i] for i in idx], [data.labels[i] for i in idx], length,
                          opts.batch_tokens) for s, idx in index.items()}  # fmt: skip
     head = Head(opts.head, model.embedding_dim, task.out_dim, per_residue=task.per_residue,
                 hidden=opts.hidden_size(), dropout=opts.dropout).to(model.device)  # fmt: skip

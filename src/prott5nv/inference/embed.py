@@ -14,8 +14,9 @@
 3. **Merge**: rank 0 waits for every rank's share, then writes the final file (HDF5, `.npy` directory or
    Parquet) from the partial output through a temporary and a rename, and removes the partial output.
 
-Long proteins: refused (default, listed), truncated, or cut into overlapping windows whose per-residue
-outputs are stitched (:mod:`.chunking`); poolings are then taken over the stitched residues.
+Long proteins follow the length policy (:mod:`.length`): refused (default, listed), truncated, or cut
+into overlapping windows whose per-residue outputs are stitched (:mod:`.chunking`); poolings are then
+taken over the stitched residues.
 """
 
 from __future__ import annotations
@@ -34,29 +35,27 @@ import numpy as np
 
 from .. import __version__
 from ..api import ProtT5nv
-from ..data.batching import token_budget_batches
-from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError, SequenceTooLongError
+from ..data.batching import DEFAULT_BATCH_TOKENS, token_budget_batches
+from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
 from ..fasta import read_fasta
 from ..sequence import DEFAULT_POLICY, SequencePolicy
-from .chunking import check_chunking, chunk_starts, stitch
+from .chunking import stitch
+from .length import DEFAULT_CHUNK_OVERLAP, LISTED, LengthPolicy, resolve
 from .store import PartialRun
 from .writers import FORMATS, KINDS, POOLINGS, check_output, format_from_path, h5_key, open_writer
 
 log = logging.getLogger(__name__)
 
-LONG_POLICIES = ("refuse", "truncate", "chunk")
-
-
 @dataclass
 class EmbedOptions:
     per_residue: bool = False
     poolings: tuple[str, ...] | None = None  # None: ("mean",), or () with per_residue
-    batch_tokens: int = 4096
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
     max_seqs_per_batch: int | None = None
     max_length: int | None = None  # residues; None = the model's limit
     long_policy: str = "refuse"  # refuse | truncate | chunk
     chunk_size: int | None = None  # residues per window; None = the length limit
-    chunk_overlap: int = 128
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
     policy: SequencePolicy = field(default_factory=lambda: DEFAULT_POLICY)
     window: int = 4096  # records sorted together (bounded look-ahead)
     format: str | None = None  # h5 | npy | parquet; None = from the output name
@@ -74,6 +73,10 @@ class EmbedOptions:
         if not kinds:
             raise ConfigError("nothing to output: give --pooling and/or --per-residue")
         return kinds
+
+    def length(self, model: ProtT5nv) -> LengthPolicy:
+        """The length policy of these options for `model`."""
+        return resolve(model, self.max_length, self.long_policy, self.chunk_size, self.chunk_overlap)
 
 
 @dataclass
@@ -102,17 +105,6 @@ class EmbedSummary:
         )
 
 
-def effective_max_length(model: ProtT5nv, requested: int | None) -> int | None:
-    limit = model.max_length
-    if requested is None:
-        return limit
-    if requested <= 0:
-        raise ConfigError(f"--max-length must be positive, got {requested}")
-    if limit is not None and requested > limit:
-        raise ConfigError(f"--max-length {requested} exceeds the model's maximum of {limit} residues")
-    return requested
-
-
 @dataclass
 class ScanResult:
     records: int = 0
@@ -123,7 +115,7 @@ class ScanResult:
 
 
 def scan_fasta(
-    path: str | os.PathLike, policy: SequencePolicy, limit: int | None, opt: EmbedOptions | None = None
+    path: str | os.PathLike, policy: SequencePolicy, length: LengthPolicy, opt: EmbedOptions | None = None
 ) -> ScanResult:
     """Pass 1: validate every record (see module docstring)."""
     opt = opt or EmbedOptions()
@@ -137,12 +129,11 @@ def scan_fasta(
             )
         keys[key] = rec.id
         n = len(rec.sequence)
-        if limit is not None and n > limit:
+        if length.too_long(n):
             out.too_long += 1
-            if len(out.too_long_listed) < 20:
+            if len(out.too_long_listed) < LISTED:
                 out.too_long_listed.append((rec.id, n))
-            if opt.long_policy == "truncate":
-                n = limit
+            n = len(length.cut(rec.sequence))
         if i % opt.world_size == opt.rank:
             out.shard_proteins += 1
             out.shard_residues += n
@@ -189,10 +180,10 @@ class _Protein:
 class _Piece:
     protein: int  # index into the window's proteins
     k: int  # window number within the protein
-    tokens: np.ndarray
+    seq: str  # its residues (what the model, local or remote, is given)
 
 
-def _settings(model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, kinds, fmt, limit, chunk) -> dict:
+def _settings(model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, kinds, fmt, length) -> dict:
     """What must match for a partial output to be resumed (input identity included)."""
     st = os.stat(input_path)
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
@@ -201,8 +192,8 @@ def _settings(model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions,
         "input": str(Path(input_path).resolve()), "input_bytes": st.st_size, "input_mtime_ns": st.st_mtime_ns,
         "model": model.name, "model_config_sha1": hashlib.sha1(config).hexdigest(),
         "dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
-        "outputs": list(kinds), "format": fmt, "long_policy": opt.long_policy, "max_length": limit,
-        "chunk_size": chunk, "chunk_overlap": opt.chunk_overlap if opt.long_policy == "chunk" else None,
+        "outputs": list(kinds), "format": fmt, "long_policy": opt.long_policy, "max_length": length.limit,
+        "chunk_size": length.window, "chunk_overlap": opt.chunk_overlap if opt.long_policy == "chunk" else None,
         "batch_tokens": opt.batch_tokens, "max_seqs_per_batch": opt.max_seqs_per_batch, "window": opt.window,
         "world_size": opt.world_size, "policy": dataclasses.asdict(opt.policy),
     }  # fmt: skip
@@ -213,8 +204,6 @@ def _check_options(opt: EmbedOptions) -> None:
         raise ConfigError(f"--batch-tokens must be positive, got {opt.batch_tokens}")
     if opt.window <= 0:
         raise ConfigError(f"window must be positive, got {opt.window}")
-    if opt.long_policy not in LONG_POLICIES:
-        raise ConfigError(f"unknown long-protein policy {opt.long_policy!r}; choose from {', '.join(LONG_POLICIES)}")
     if opt.format is not None and opt.format not in FORMATS:
         raise ConfigError(f"unknown output format {opt.format!r}; choose one of {', '.join(FORMATS)}")
     if opt.world_size < 1 or not 0 <= opt.rank < opt.world_size:
@@ -239,26 +228,17 @@ def embed_fasta(
     kinds = opt.kinds()
     fmt = opt.format or format_from_path(output_path)
     check_output(fmt, output_path)
-    limit = effective_max_length(model, opt.max_length)
-    chunk = None
-    if opt.long_policy == "chunk" and limit is not None:
-        chunk = opt.chunk_size or limit
-        check_chunking(chunk, opt.chunk_overlap, limit)
-    scan = scan_fasta(input_path, opt.policy, limit, opt)
-    if scan.too_long and opt.long_policy == "refuse":
-        listed = ", ".join(f"{rid} ({length})" for rid, length in scan.too_long_listed)
-        more = f" and {scan.too_long - len(scan.too_long_listed)} more" if scan.too_long > 20 else ""
-        raise SequenceTooLongError(
-            f"{input_path}: {scan.too_long} protein(s) longer than {limit} residues: {listed}{more}; "
-            "use --truncate to keep the first residues or --chunk to embed overlapping windows"
-        )
-    run = PartialRun(output_path, _settings(model, input_path, opt, kinds, fmt, limit, chunk), opt.rank, opt.world_size)
+    length = opt.length(model)
+    scan = scan_fasta(input_path, opt.policy, length, opt)
+    if scan.too_long and length.mode == "refuse":
+        length.refuse(scan.too_long_listed, scan.too_long, source=str(input_path))
+    run = PartialRun(output_path, _settings(model, input_path, opt, kinds, fmt, length), opt.rank, opt.world_size)
     done = run.open(scan.records, restart=opt.restart)
     if on_start:
         on_start(scan.shard_proteins, scan.shard_residues)
     start = time.perf_counter()
     try:
-        computed = _embed_shard(model, input_path, opt, kinds, limit, chunk, done, run, on_batch)
+        computed = _embed_shard(model, input_path, opt, kinds, length, done, run, on_batch)
     except KeyboardInterrupt:
         run.close()
         log.warning("interrupted: the proteins saved so far are in %s; rerun the same command to resume", run.dir)
@@ -267,14 +247,15 @@ def embed_fasta(
         run.close()
         raise
     run.finish()
+    chunking = length.window is not None
     summary = EmbedSummary(
-        proteins=scan.shard_proteins, residues=scan.shard_residues, truncated=scan.too_long if chunk is None else 0,
-        chunked=scan.too_long if chunk is not None else 0, resumed=run.resumed, computed_residues=computed,
+        proteins=scan.shard_proteins, residues=scan.shard_residues, truncated=0 if chunking else scan.too_long,
+        chunked=scan.too_long if chunking else 0, resumed=run.resumed, computed_residues=computed,
         seconds=0.0, output=str(output_path),
     )  # fmt: skip
     if opt.rank == 0:
         run.wait_for_ranks()
-        attrs = _attrs(model, opt, kinds, limit, chunk)
+        attrs = _attrs(model, kinds, length)
         summary.proteins, summary.residues = _merge(run, fmt, output_path, kinds, attrs, scan.records)
         run.remove()
     else:
@@ -284,7 +265,7 @@ def embed_fasta(
     return summary
 
 
-def _attrs(model: ProtT5nv, opt: EmbedOptions, kinds: tuple[str, ...], limit: int | None, chunk: int | None) -> dict:
+def _attrs(model: ProtT5nv, kinds: tuple[str, ...], length: LengthPolicy) -> dict:
     pools = [k for k in kinds if k != "per_residue"]
     return {
         "model": model.name,
@@ -292,15 +273,12 @@ def _attrs(model: ProtT5nv, opt: EmbedOptions, kinds: tuple[str, ...], limit: in
         "per_residue": "per_residue" in kinds,
         "pooling": ",".join(pools) if pools else "none",
         "dtype": str(model.dtype).removeprefix("torch."),
-        "max_length": limit if limit is not None else -1,
-        "long_policy": opt.long_policy,
-        "chunk_size": chunk if chunk is not None else -1,
-        "chunk_overlap": opt.chunk_overlap if chunk is not None else -1,
+        **{k: -1 if v is None else v for k, v in length.describe().items()},
     }
 
 
 def _windows(
-    model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, limit: int | None, chunk: int | None
+    model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, length: LengthPolicy
 ) -> Iterator[tuple[list[_Protein], list[_Piece]]]:
     """This rank's records in windows of `opt.window`, each protein cut into its pieces."""
     proteins: list[_Protein] = []
@@ -308,16 +286,11 @@ def _windows(
     for i, rec in enumerate(read_fasta(input_path, opt.policy)):
         if i % opt.world_size != opt.rank:
             continue
-        seq = rec.sequence
-        starts = [0]
-        if limit is not None and len(seq) > limit:
-            if chunk is None:
-                seq = seq[:limit]
-            else:
-                starts = chunk_starts(len(seq), chunk, opt.chunk_overlap)
-        size = chunk if len(starts) > 1 else len(seq)
+        seq = length.cut(rec.sequence)
+        starts = length.starts(len(seq))
+        size = length.window if len(starts) > 1 else len(seq)
         for k, s in enumerate(starts):
-            pieces.append(_Piece(len(proteins), k, model.tokenizer.encode(seq[s : s + size], rec.id)))
+            pieces.append(_Piece(len(proteins), k, seq[s : s + size]))
         proteins.append(_Protein(i, rec.id, len(seq), starts))
         if len(proteins) >= opt.window:
             yield proteins, pieces
@@ -331,24 +304,24 @@ def _embed_shard(
     input_path: str | os.PathLike,
     opt: EmbedOptions,
     kinds: tuple[str, ...],
-    limit: int | None,
-    chunk: int | None,
+    length: LengthPolicy,
     done: np.ndarray,
     run: PartialRun,
     on_batch: Callable[[int, int], None] | None,
 ) -> int:
     """Embed this rank's proteins not yet `done`, appending each batch to `run`. Returns residues computed."""
     computed = 0
-    for proteins, pieces in _windows(model, input_path, opt, limit, chunk):
+    for proteins, pieces in _windows(model, input_path, opt, length):
         skipped = [p for p in proteins if done[p.record]]
         if skipped and on_batch:
             on_batch(len(skipped), sum(p.length for p in skipped))
-        lengths = [len(p.tokens) for p in pieces]
+        suffix = model.tokenizer.num_special_suffix
+        lengths = [len(p.seq) + suffix for p in pieces]  # encoder tokens
         partial: dict[int, list[np.ndarray | None]] = {}  # chunked proteins waiting for windows
         for batch in token_budget_batches(lengths, opt.batch_tokens, opt.max_seqs_per_batch):
             if all(done[proteins[pieces[i].protein].record] for i in batch):
                 continue
-            hiddens, mask = model.tokens_to_hiddens([pieces[i].tokens for i in batch])
+            hiddens, mask = model.seqs_to_hiddens([pieces[i].seq for i in batch])
             states, lens = hiddens.cpu().numpy(), mask.sum(1).tolist()
             finished: list[tuple[_Protein, np.ndarray]] = []
             for j, i in enumerate(batch):

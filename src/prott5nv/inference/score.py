@@ -42,18 +42,16 @@ import numpy as np
 import torch
 
 from ..api import ProtT5nv
-from ..data.batching import token_budget_batches
+from ..data.batching import DEFAULT_BATCH_TOKENS, token_budget_batches
 from ..data.masking import T5Masker, T5Sample, collate_t5
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import read_fasta
 from ..fsutil import atomic_text_file
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
 from ..tokenizer import require_distinct_sentinels
+from .length import score_positions
 
 log = logging.getLogger(__name__)
-
-PRETRAINING_SEQ_LENGTH = 512  # encoder tokens per sample in pretraining (samples cut to 510 residues)
-
 
 # ------------------------------------------------------------------------------ masked-token loss
 @dataclass
@@ -97,8 +95,7 @@ class ScoreSummary:
 def make_masker(model: ProtT5nv, seed: int, masked_lm_prob: float = 0.15) -> T5Masker:
     """The pretraining masker for this model (refuses collapsed sentinels)."""
     require_distinct_sentinels(model.tokenizer, "scoring")
-    seq_length = min(PRETRAINING_SEQ_LENGTH, model.config.max_length or PRETRAINING_SEQ_LENGTH)
-    seq_length_dec = model.config.max_length or PRETRAINING_SEQ_LENGTH
+    seq_length, seq_length_dec = score_positions(model)
     return T5Masker(model.tokenizer, seq_length, seq_length_dec, masked_lm_prob=masked_lm_prob, seed=seed)
 
 
@@ -146,7 +143,7 @@ def mask_sequences(
 def score_samples(
     model: ProtT5nv,
     samples: Sequence[T5Sample],
-    batch_tokens: int = 4096,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[tuple[float, int]]:
     """``(summed cross-entropy, masked residues)`` of every sample, in input order, computed in
@@ -179,7 +176,9 @@ def pseudo_likelihood_samples(model: ProtT5nv, residue_ids: np.ndarray) -> list[
     return samples
 
 
-def pseudo_likelihood(model: ProtT5nv, residue_ids: np.ndarray, batch_tokens: int = 4096) -> tuple[float, int]:
+def pseudo_likelihood(
+    model: ProtT5nv, residue_ids: np.ndarray, batch_tokens: int = DEFAULT_BATCH_TOKENS
+) -> tuple[float, int]:
     """``(-PLL, residues scored)`` of one protein (see the module docstring), in token-budget batches."""
     samples = pseudo_likelihood_samples(model, residue_ids)
     rows = max(1, batch_tokens // (len(samples) + 4))
@@ -222,7 +221,7 @@ def score_sequences(
     *,
     seed: int = 0,
     masked_lm_prob: float = 0.15,
-    batch_tokens: int = 4096,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     policy: SequencePolicy = DEFAULT_POLICY,
     pseudo_likelihood: bool = False,
 ) -> list[ProteinScore]:
@@ -240,7 +239,7 @@ def score_fasta(
     *,
     seed: int = 0,
     masked_lm_prob: float = 0.15,
-    batch_tokens: int = 4096,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     policy: SequencePolicy = DEFAULT_POLICY,
     pseudo_likelihood: bool = False,
     on_start: Callable[[int], None] | None = None,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..api import ProtT5nv
-from ..data.batching import token_budget_batches
+from ..data.batching import DEFAULT_BATCH_TOKENS, token_budget_batches
 from ..data.masking import T5Sample
 from ..inference.score import score_samples
 
@@ -72,7 +72,8 @@ class DynamicBatcher:
     """Owns `model` in a worker thread; see the module docstring. Thread-safe `submit_*` methods."""
 
     def __init__(
-        self, model: ProtT5nv, *, batch_tokens: int = 4096, max_wait_ms: float = 5.0, max_queue: int = 64,
+        self, model: ProtT5nv, *, batch_tokens: int = DEFAULT_BATCH_TOKENS, max_wait_ms: float = 5.0,
+        max_queue: int = 64,
     ) -> None:  # fmt: skip
         self.model = model
         self.batch_tokens = batch_tokens

@@ -2,25 +2,25 @@
 
 A request that breaks a size limit is refused with 413 (too many sequences, a sequence or the request too
 long, body too large); one whose content is wrong (bad residue, empty list or sequence) with 422. Both
-name the offending sequence by id and index; residue errors also give the 1-based position, with the
-message of :func:`prott5nv.sequence.clean_sequence`.
+name the offending sequence by id and index; residue errors also give the 1-based position (the
+`position` field of :class:`~prott5nv.errors.InvalidSequenceError`), with the message of
+:func:`prott5nv.sequence.clean_sequence`.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
+from ..inference.length import UNBOUNDED_FALLBACK, resolve
 
 T = TypeVar("T")
-
-_POSITION = re.compile(r"at position (\d+)")
 
 
 @dataclass(frozen=True)
@@ -34,22 +34,19 @@ class ServeLimits:
     max_output_values: int = 8_000_000  # per-residue floats per response (residues x embedding dim)
     timeout_s: float = 120.0  # queue wait + compute, per request
     max_queue: int = 64  # requests waiting or running; more get 429
-    batch_tokens: int = 4096  # padded tokens per model batch
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # padded tokens per model batch
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests to fill a batch
     max_new_tokens: int = 512  # generation: decoder steps per output
     max_outputs: int = 16  # generation: beams / returned sequences / infill samples per input
 
     def resolved(self, model_max_length: int | None) -> ServeLimits:
-        """Check the numbers and fill `max_residues` from the model (1024 for models without a limit)."""
+        """Check the numbers and fill `max_residues` from the model's length policy (refuse; the fallback
+        of :mod:`prott5nv.inference.length` for models without a limit)."""
         for name, value in asdict(self).items():
             if value is not None and value <= 0:
                 raise ConfigError(f"serve limit {name} must be positive, got {value}")
-        limit = self.max_residues
-        if limit is None:
-            limit = model_max_length if model_max_length is not None else 1024
-        elif model_max_length is not None and limit > model_max_length:
-            raise ConfigError(f"--max-residues {limit} exceeds the model's maximum of {model_max_length} residues")
-        return ServeLimits(**{**asdict(self), "max_residues": limit})
+        limit = resolve(model_max_length, self.max_residues, flag="--max-residues").limit
+        return ServeLimits(**{**asdict(self), "max_residues": limit or UNBOUNDED_FALLBACK})
 
 
 class RequestError(ProtT5nvError):
@@ -88,8 +85,7 @@ def check_sequences(
         try:
             encoded = encode(seq, rid)
         except InvalidSequenceError as exc:
-            m = _POSITION.search(str(exc))
-            raise RequestError(422, str(exc), id=rid, index=i, position=int(m.group(1)) if m else None) from None
+            raise RequestError(422, str(exc), id=rid, index=i, position=exc.position) from None
         n = length(encoded)
         if n > limits.max_residues:
             raise RequestError(

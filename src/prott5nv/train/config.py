@@ -11,8 +11,8 @@ import yaml
 
 from ..errors import ConfigError
 from ..model.config import dataclass_from_dict
+from ..precision import canonical_precision
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 POSITION_INITS = ("normal", "sinusoidal")
 OBJECTIVES = ("span", "denoise", "mixed")  # see data/masking.py
 
@@ -37,7 +37,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: float = 1.0
-    precision: str = "fp32"
+    precision: str = "float32"  # float32 | bfloat16 | float16 (fp32 / bf16 / fp16 accepted: prott5nv.precision)
     dropout: float | None = None  # None: the model config's (0.1)
     seq_length: int = 512
     seq_length_dec: int | None = None  # None: 256 for span corruption, seq_length when rebuilding samples
@@ -69,8 +69,7 @@ class TrainConfig:
             raise ConfigError("encoder_loss_weight needs samples corrupted in place: --objective denoise or mixed")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.precision = canonical_precision(self.precision)
         for name in ("max_steps", "micro_batch_size", "accumulate", "val_every", "save_every", "keep_last",
                      "log_every", "val_samples", "probe_every"):  # fmt: skip
             if getattr(self, name) <= 0:

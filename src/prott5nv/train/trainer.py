@@ -45,7 +45,7 @@ from .optim import build_optimizer, inverse_sqrt_lr, set_lr
 
 log = logging.getLogger(__name__)
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -203,7 +203,7 @@ class Pretrainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.info.local_rank)
             torch.cuda.set_device(self.device)
-        if cfg.precision == "fp16" and self.device.type == "cpu":
+        if cfg.precision == "float16" and self.device.type == "cpu":
             log.warning("fp16 on CPU is slow and rarely supported; bf16 is the CPU half precision")
         self.run_dir = Path(cfg.out)
         self.accumulate = cfg.accumulation_for(self.info.world_size)
@@ -238,7 +238,7 @@ class Pretrainer:
             else None
         )
         self.optimizer = build_optimizer(self.model, cfg)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "float16" else None
         if tensors is not None:
             self.optimizer.load_state_dict(tensors["optimizer"])
             if self.scaler is not None and tensors["scaler"]:
@@ -276,7 +276,7 @@ class Pretrainer:
         return iter(loader)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.precision == "fp32":
+        if self.cfg.precision == "float32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST[self.cfg.precision])
 
