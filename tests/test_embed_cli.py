@@ -119,7 +119,7 @@ def test_too_long_refused_with_list_then_truncated(tmp_path, capsys):
     assert "3 truncated" in capsys.readouterr().out
     with h5py.File(out) as f:
         assert [f[r.id].shape[0] for r in records] == [512, 512, 512]
-    assert run_cli(fasta, "-o", out, "--max-length", "600") == 2
+    assert run_cli(fasta, "-o", out, "--max-length", "600", "--overwrite") == 2
     assert "--max-length 600 exceeds the model's maximum of 512 residues" in capsys.readouterr().err
 
 

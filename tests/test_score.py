@@ -156,5 +156,6 @@ def test_cli_score_and_score_variants(tiny_model, fasta, tmp_path, capsys):
     assert main(["score-variants", "--sequence", "MKTLLVAGLSE", "--variants", str(variants), "L5P:V6E",
                  "--model", str(model), "-o", str(vout)]) == 0  # fmt: skip
     assert [r["variant"] for r in read_csv(vout)] == ["L5P:V6E", "K2A", "T3G", "L4W"]
-    assert main(["score-variants", "--sequence", "MKTLLV", "A2G", "--model", str(model), "-o", str(vout)]) == 2
+    assert main(["score-variants", "--sequence", "MKTLLV", "A2G", "--model", str(model), "-o", str(vout),
+                 "--overwrite"]) == 2  # fmt: skip
     assert "not A" in capsys.readouterr().err

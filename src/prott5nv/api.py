@@ -193,6 +193,7 @@ class ProtT5nv:
         from .tokenizer import require_distinct_sentinels
 
         masked, (input_ids, attn) = self._masked_batch(seqs, ids, policy)
+        settings.setdefault("vocab_limit", self.tokenizer.real_vocab_size)
         if any(m.spans for m in masked):
             require_distinct_sentinels(self.tokenizer, "generation from masked input")
         tok = self.tokenizer
@@ -230,6 +231,7 @@ class ProtT5nv:
         from .model.generate import GenerationConfig, generate
 
         tok = self.tokenizer
+        settings.setdefault("vocab_limit", tok.real_vocab_size)
         with self._precision():
             out = generate(self.model, None, mask.to(self.device).long(), GenerationConfig(**settings),
                            decoder_start_id=tok.decoder_start_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
@@ -242,10 +244,12 @@ def load(
     *,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
+    sentinels: str | None = None,
 ) -> ProtT5nv:
     """Load a bundled model by name, a native checkpoint directory, a `.nemo` archive or an HF T5
     directory. `device` "auto" picks CUDA when available; `dtype` "bfloat16"/"float16" stores the weights
     in that precision (LayerNorms stay float32) and runs under autocast; "auto" is bfloat16 where the
-    device supports it, else float32."""
-    model, tokenizer = load_checkpoint(name_or_path)
+    device supports it, else float32. `sentinels` ("distinct" or "collapsed") overrides the sentinel
+    layout a `.nemo` archive is read with (see :func:`~prott5nv.checkpoint.load_checkpoint`)."""
+    model, tokenizer = load_checkpoint(name_or_path, sentinels=sentinels)
     return ProtT5nv(model, tokenizer, device=device, dtype=dtype, name=str(name_or_path))

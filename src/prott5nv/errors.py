@@ -35,3 +35,7 @@ class ConfigError(ProtT5nvError, ValueError):
 
 class StoreError(ProtT5nvError):
     """A data directory is missing, incomplete (interrupted preprocess) or inconsistent."""
+
+
+class OutputError(ProtT5nvError):
+    """An output that must not be written (it exists, or is an input) or cannot be (unwritable place)."""

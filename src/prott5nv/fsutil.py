@@ -11,13 +11,73 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from .errors import ProtT5nvError
+from .errors import OutputError, ProtT5nvError
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    kind: str = "file",
+    marker: str | None = None,
+) -> Path:
+    """Refuse, before any compute, an output that must not or cannot be written; every command calls this
+    on each of its outputs. Raises :class:`~prott5nv.errors.OutputError` (one line, naming the path) when
+
+    * `path` names no new entry (``.``, ``..``, ``/``);
+    * it is one of the `inputs` or a directory holding one (resolved paths: links and ``./`` do not hide it);
+    * it is a directory where a file (`kind` "file") is expected, or not a directory where a directory
+      (`kind` "dir") is expected -- even with `overwrite`;
+    * it exists and `overwrite` is false; with `overwrite`, an existing directory is replaced only when it
+      holds `marker` (a file every output of this command has), i.e. only what the command itself writes;
+    * no file can be created where it would go (the nearest existing ancestor is not a writable directory:
+      a probe file is created there and removed, which also catches read-only file systems and root).
+
+    Missing parent directories are allowed (the writers create them). Returns the path.
+    """
+    p = Path(path).expanduser()
+    what = "file" if kind == "file" else "directory"
+    if p.name in ("", ".", ".."):
+        raise OutputError(f"output '{path}' is an existing directory, not a new output {what} name")
+    target = p.resolve()
+    for inp in inputs:
+        if inp is None or str(inp) in ("", "-"):
+            continue
+        source = Path(inp).expanduser().resolve()
+        if target == source or target in source.parents:
+            held = "is" if target == source else "holds"
+            raise OutputError(f"output '{path}' {held} the input '{inp}'; choose another output name")
+    if p.exists() or p.is_symlink():
+        if kind == "file" and p.is_dir():
+            raise OutputError(f"output '{path}' is a directory, expected an output file name")
+        if kind != "file" and not p.is_dir():
+            raise OutputError(f"output '{path}' exists and is not a directory (this command writes a directory)")
+        if not overwrite:
+            raise OutputError(f"output '{path}' already exists (use --overwrite to replace it)")
+        if marker is not None and p.is_dir() and not (p / marker).exists():
+            raise OutputError(
+                f"output '{path}' is a directory without {marker}, so not an output of this command; "
+                "--overwrite replaces only those: remove it yourself or choose another name"
+            )
+    where = Path(os.path.abspath(p)).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise OutputError(f"output '{path}': {where} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=where)
+    except OSError as exc:
+        raise OutputError(f"output '{path}': cannot create files in {where} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return p
 
 
 @contextlib.contextmanager

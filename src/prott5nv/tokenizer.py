@@ -85,6 +85,10 @@ class ProteinTokenizer:
             self.add_eos = True
         else:
             raise ConfigError(f"unknown tokenizer layout {self.layout!r}; choose one of {LAYOUTS}")
+        #: ids below this are the tokenizer's own tokens; the rest (up to `vocab_size`) only pad the embedding
+        #: table to a multiple of `make_vocab_size_divisible_by` (NeMo's ``tokenizer.vocab_size`` vs its
+        #: padded vocabulary): decoding never emits them.
+        self.real_vocab_size = len(tokens)
         self.vocab_size = pad_to_multiple(len(tokens), self.make_vocab_size_divisible_by)
         tokens += [f"<unused_{i}>" for i in range(self.vocab_size - len(tokens))]
         self.tokens = tokens
@@ -207,5 +211,6 @@ def require_distinct_sentinels(tokenizer: ProteinTokenizer, task: str) -> None:
         "<extra_id_N> onto <unk> (the layout NeMo >= 1.13 builds for ProtT5nv), so the model cannot tell "
         f"masked spans apart and {task} would give meaningless results. Embeddings still work. If you know "
         "the checkpoint was trained with distinct sentinel ids 32-127 (NeMo <= 1.12), load it with "
-        "load_nemo(path, sentinels='distinct')."
+        "--sentinels distinct on the command line, or prott5nv.load(path, sentinels='distinct') / "
+        "load_nemo(path, sentinels='distinct') in Python."
     )

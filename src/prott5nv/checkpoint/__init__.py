@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..model.t5 import T5Model
 from ..tokenizer import ProteinTokenizer
 from ._common import load_state_dict_strict, read_json
@@ -87,9 +87,15 @@ def provenance(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return dict(read_json(path / "config.json").get("extra") or {})
 
 
-def load_checkpoint(name_or_path: str | os.PathLike) -> tuple[T5Model, ProteinTokenizer]:
+def load_checkpoint(
+    name_or_path: str | os.PathLike, *, sentinels: str | None = None
+) -> tuple[T5Model, ProteinTokenizer]:
     """Model (in eval mode, fp32, on CPU) and tokenizer from a bundled name, a native directory, a
-    `.nemo` archive or an HF T5 directory."""
+    `.nemo` archive or an HF T5 directory. `sentinels` ("distinct" or "collapsed") forces the sentinel
+    layout of a `.nemo` archive (see :func:`.nemo.decide_sentinels`); other formats record theirs, so
+    there it may only repeat it."""
+    if sentinels not in (None, "distinct", "collapsed"):
+        raise ConfigError(f"unknown sentinel layout {sentinels!r} (distinct or collapsed)")
     path = resolve(name_or_path)
     fmt = detect_format(path)
     log.debug("loading %s checkpoint from %s", fmt, path)
@@ -98,9 +104,14 @@ def load_checkpoint(name_or_path: str | os.PathLike) -> tuple[T5Model, ProteinTo
     elif fmt == "nemo":
         from .nemo import load_nemo
 
-        model, tokenizer = load_nemo(path)
+        model, tokenizer = load_nemo(path, sentinels=sentinels)
     else:
         from .hf import load_hf
 
         model, tokenizer = load_hf(path)
+    if fmt != "nemo" and sentinels is not None and sentinels != tokenizer.sentinels:
+        raise ConfigError(
+            f"{path}: the sentinel layout can only be chosen for .nemo archives; this {fmt} checkpoint's "
+            f"tokenizer has {tokenizer.sentinels} sentinels"
+        )
     return model.float().eval(), tokenizer

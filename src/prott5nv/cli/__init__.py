@@ -1,7 +1,8 @@
 """The `prott5nv` command line: argument parsing and progress only, one module per command.
 
 Each command module defines `register(subparsers)` which adds its sub-parser and sets `func`.
-Errors a user can cause (:class:`~prott5nv.errors.ProtT5nvError`) are printed as one line, exit 2.
+Errors a user can cause (:class:`~prott5nv.errors.ProtT5nvError`, and file-system errors) are printed as one line,
+exit 2. Every command checks its outputs before any work (:func:`~prott5nv.fsutil.check_output`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ProtT5nvError as exc:
         print(f"prott5nv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (disk full, permissions changed mid-run): one line too
+        logging.getLogger(__name__).debug("file system error", exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"prott5nv {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"prott5nv {args.command}: interrupted", file=sys.stderr)

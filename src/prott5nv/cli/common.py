@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -42,7 +43,10 @@ def with_default(help_: str, default: object) -> str:
     return f"{help_} (default: {default_text(default)})"
 
 
-def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "prott5nv-demo") -> None:
+def add_model_args(
+    p: argparse.ArgumentParser, *, default_model: str = "prott5nv-demo", decoding: bool = False
+) -> None:
+    """--model, --device, --dtype; and --sentinels for the commands that run the decoder (`decoding`)."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--model", default=default_model,
@@ -56,6 +60,12 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "prott5nv
         "where supported -- CUDA, CPUs with AVX512-BF16/AMX -- else float32; the aliases "
         f"{', '.join(ALIASES)} are accepted)",
     )  # fmt: skip
+    if decoding:
+        g.add_argument(
+            "--sentinels", choices=["distinct", "collapsed"], default=None,
+            help=".nemo archives only: read the sentinel tokens <extra_id_N> as distinct ids 32.. (NeMo <= 1.12) "
+            "or all as <unk> (NeMo >= 1.13) instead of deciding from the archive (docs/vocabulary.md)",
+        )  # fmt: skip
 
 
 def add_sequence_policy_args(p: argparse.ArgumentParser) -> None:
@@ -96,7 +106,19 @@ def sequence_policy(args: argparse.Namespace) -> SequencePolicy:
     return SequencePolicy(strip_gaps=args.strip_gaps, unknown_to_x=args.unknown_to_x)
 
 
+def add_overwrite_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (atomically; only a previous output of this command)")  # fmt: skip
+
+
+def existing(*paths: str | None) -> list[str]:
+    """The arguments that name existing files or directories (inputs an output must not be; a model
+    argument may also be a bundled model's name)."""
+    return [p for p in paths if p and os.path.exists(p)]
+
+
 def load_model(args: argparse.Namespace) -> ProtT5nv:
     from ..api import load
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+    sentinels = getattr(args, "sentinels", None)  # the decoding commands' --sentinels
+    return load(args.model, device=args.device, dtype=args.dtype, sentinels=sentinels)

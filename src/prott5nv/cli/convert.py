@@ -10,8 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..errors import CheckpointError
-from .common import DTYPE_NAMES, precision_arg
+from ..fsutil import check_output
+from .common import DTYPE_NAMES, existing, precision_arg
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=("native", "hf"), default="native", help="output format (default: native)")
     p.add_argument("--dtype", type=precision_arg, default=None, metavar="{" + ",".join(DTYPE_NAMES) + "}",
                    help="convert the weights (default: keep float32; fp32, bf16, fp16 accepted)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it is a checkpoint directory")
     p.set_defaults(func=run)
 
 
@@ -37,11 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.hf import save_hf
     from ..device import DTYPES
 
-    dst: Path = args.dst
-    if dst.exists() and not args.overwrite:
-        raise CheckpointError(f"{dst} already exists (use --overwrite to replace it)")
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst} exists and is not a directory")
+    dst: Path = args.dst  # a checkpoint directory: config.json in both formats
+    check_output(dst, inputs=existing(args.src), overwrite=args.overwrite, kind="dir", marker="config.json")
     model, tokenizer = load_checkpoint(args.src)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.to == "hf":

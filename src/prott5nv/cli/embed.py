@@ -13,11 +13,14 @@ import os
 from tqdm import tqdm
 
 from ..data.batching import DEFAULT_BATCH_TOKENS
-from ..inference.writers import FORMATS, POOLINGS
+from ..fsutil import check_output
+from ..inference.writers import FORMATS, NPY_INDEX, POOLINGS, format_from_path
 from .common import (
     add_length_args,
     add_model_args,
+    add_overwrite_arg,
     add_sequence_policy_args,
+    existing,
     length_options,
     load_model,
     sequence_policy,
@@ -77,6 +80,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-residue", action="store_true", help="store (L, D) per-residue embeddings")
     g.add_argument("--format", choices=FORMATS, default=None, help="default: from the output name")
     g.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
+    add_overwrite_arg(g)
 
 
 def _add_batching_args(p: argparse.ArgumentParser) -> None:
@@ -103,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..inference.embed import EmbedOptions, embed_fasta
 
+    npy = (args.format or format_from_path(args.output)) == "npy"  # a directory of .npy files
+    check_output(args.output, inputs=existing(args.input, args.model), overwrite=args.overwrite,
+                 kind="dir" if npy else "file", marker=NPY_INDEX)  # fmt: skip
     rank, world, local_rank = distributed_env()
     if world > 1 and args.device in ("cuda", "auto") and torch.cuda.is_available():
         args.device = f"cuda:{local_rank}"

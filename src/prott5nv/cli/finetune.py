@@ -21,10 +21,13 @@ from ..downstream import HEADS
 from ..downstream.features import FEATURES, default_cache_dir
 from ..downstream.options import FitOptions
 from ..downstream.tasks import KINDS
+from ..fsutil import check_output
 from .common import (
     add_length_args,
     add_model_args,
+    add_overwrite_arg,
     add_sequence_policy_args,
+    existing,
     length_options,
     sequence_policy,
     with_default,
@@ -55,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("task_file", help="CSV/TSV task table, or FASTA with --labels")
     p.add_argument("-o", "--out", required=True, help="run directory (written atomically)")
+    add_overwrite_arg(p)
     add_model_args(p)
     t = p.add_argument_group("task")
     t.add_argument("--target", action="append", help="target column (repeat for several regression targets; "
@@ -125,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..downstream.run import finetune_task
 
+    inputs = existing(args.task_file, args.labels, args.model)  # a run directory holds predictor.json
+    check_output(args.out, inputs=inputs, overwrite=args.overwrite, kind="dir", marker="predictor.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     fit = {name: getattr(args, name) for name, _, _ in FIT_FLAGS if getattr(args, name) is not None}

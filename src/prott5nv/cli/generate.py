@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, FastaFormatError
 from ..fasta import open_maybe_gzip, record_id_from_header
-from ..fsutil import atomic_text_file
-from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
+from ..fsutil import atomic_text_file, check_output
+from ..tokenizer import require_distinct_sentinels
+from .common import add_model_args, add_overwrite_arg, add_sequence_policy_args, existing, load_model, sequence_policy
 
 MASK_HELP = (
     "Masks: '<mask>' hides one residue (its own sentinel, as in ProtT5nv pretraining); '<mask:K>' hides a "
@@ -27,11 +28,20 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     """INPUT FASTA or --sequence, and the options every decoding command shares."""
     p.add_argument("input", nargs="?", help="FASTA file of (masked) proteins; or use --sequence")
     p.add_argument("-s", "--sequence", action="append", default=[], help="a (masked) protein; repeatable")
-    p.add_argument("-o", "--output", help="output file (written atomically; default: standard output)")
+    p.add_argument("-o", "--output", help="output file (written atomically; default or '-': standard output)")
+    add_overwrite_arg(p)
     p.add_argument("--batch-size", type=int, default=8, help="proteins decoded together (default: 8)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: unseeded)")
-    add_model_args(p)
+    add_model_args(p, decoding=True)
     add_sequence_policy_args(p)
+
+
+def check_outputs(args: argparse.Namespace, *outputs: str | None) -> None:
+    """Refuse outputs that exist (without --overwrite), are an input, or cannot be written: before any work."""
+    inputs = existing(args.input, args.model)
+    for out in outputs:
+        if out and out != "-":
+            check_output(out, inputs=inputs, overwrite=args.overwrite)
 
 
 def read_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -60,8 +70,8 @@ def read_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 @contextmanager
 def output_stream(path: str | None) -> Iterator[IO[str]]:
-    """The atomic output file, or standard output."""
-    with atomic_text_file(path) if path else nullcontext(sys.stdout) as fh:
+    """The atomic output file, or standard output (no path, or '-')."""
+    with atomic_text_file(path) if path and path != "-" else nullcontext(sys.stdout) as fh:
         yield fh
 
 
@@ -96,8 +106,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(args, args.output)
     records = read_inputs(args)
     model = load_model(args)
+    if any("<mask" in text for _, text in records):  # refused before any progress is shown
+        require_distinct_sentinels(model.tokenizer, "generation from masked input")
     settings = dict(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, length_penalty=args.length_penalty,
@@ -105,9 +118,8 @@ def run(args: argparse.Namespace) -> int:
         num_return_sequences=args.num_return_sequences, speculative=args.speculative,
     )  # fmt: skip
     policy = sequence_policy(args)
-    n_targets = 0
-    with output_stream(args.output) as out, tqdm(total=len(records), unit="prot", desc="generate") as bar:
-        out.write("id\trank\tscore\ttarget\tfilled\n")
+    rows = ["id\trank\tscore\ttarget\tfilled\n"]  # written once all succeeded: no header before an error
+    with tqdm(total=len(records), unit="prot", desc="generate") as bar:
         for lo in range(0, len(records), args.batch_size):
             chunk = records[lo : lo + args.batch_size]
             seed = None if args.seed is None else args.seed + lo
@@ -115,13 +127,15 @@ def run(args: argparse.Namespace) -> int:
             per = len(results) // len(chunk)
             for k, g in enumerate(results):
                 rid = chunk[k // per][0]
-                out.write(f"{rid}\t{k % per + 1}\t{g.score:.4f}\t{g.target}\t{g.filled or ''}\n")
-            n_targets += len(results)
+                rows.append(f"{rid}\t{k % per + 1}\t{g.score:.4f}\t{g.target}\t{g.filled or ''}\n")
             bar.update(len(chunk))
-    summary(f"generated {n_targets} targets for {len(records)} proteins", args.output)
+    with output_stream(args.output) as out:
+        out.writelines(rows)
+    summary(f"generated {len(rows) - 1} targets for {len(records)} proteins", args.output)
     return 0
 
 
 def summary(text: str, output: str | None) -> None:
     """The one summary line: on standard output, or on standard error when the results went there."""
-    print(f"{text} -> {output or 'stdout'}", file=sys.stdout if output else sys.stderr)
+    to_file = output and output != "-"
+    print(f"{text} -> {output if to_file else 'stdout'}", file=sys.stdout if to_file else sys.stderr)

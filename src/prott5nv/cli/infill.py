@@ -6,9 +6,11 @@ import argparse
 
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..sequence import STANDARD_RESIDUES
+from ..tokenizer import require_distinct_sentinels
 from .common import load_model, sequence_policy
-from .generate import MASK_HELP, add_input_args, output_stream, read_inputs, summary
+from .generate import MASK_HELP, add_input_args, check_outputs, output_stream, read_inputs, summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.probabilities and args.output and args.probabilities == args.output:
+        raise ConfigError(f"--probabilities and -o name the same file '{args.output}'")
+    check_outputs(args, args.output, args.probabilities)
     records = read_inputs(args)
     model = load_model(args)
+    require_distinct_sentinels(model.tokenizer, "infilling")  # before any progress is shown
     policy = sequence_policy(args)
     results = []
     with tqdm(total=len(records), unit="prot", desc="infill") as bar:

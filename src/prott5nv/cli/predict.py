@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_length_args, add_sequence_policy_args, sequence_policy
+from ..fsutil import check_output
+from .common import add_length_args, add_overwrite_arg, add_sequence_policy_args, existing, sequence_policy
 from .finetune import add_embedding_args, cache_dir, length_kwargs, progress_bars
 
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory written by `prott5nv finetune`")
     p.add_argument("input", help="FASTA or CSV/TSV with a sequence column")
     p.add_argument("-o", "--output", required=True, help="output table (written atomically)")
+    add_overwrite_arg(p)
     p.add_argument("--model", help="base model (default: the one recorded in the run; must have the same weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     add_embedding_args(p)
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import load
     from ..downstream.run import predict_file
 
+    check_output(args.output, inputs=existing(args.run_dir, args.input, args.model), overwrite=args.overwrite)
     make, bars = progress_bars()
     try:
         summary = predict_file(

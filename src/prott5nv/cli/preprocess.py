@@ -9,7 +9,9 @@ import time
 from tqdm import tqdm
 
 from ..data.preprocess import PreprocessConfig, preprocess
-from .common import add_sequence_policy_args, sequence_policy
+from ..data.store import MANIFEST
+from ..fsutil import check_output
+from .common import add_sequence_policy_args, existing, sequence_policy
 
 
 def count_or_fraction(text: str) -> int | float:
@@ -43,12 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip and count invalid records (bad characters, empty, duplicate ids) instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace DATA_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace DATA_DIR if it is a data directory")
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, inputs=existing(*args.inputs), overwrite=args.overwrite, kind="dir", marker=MANIFEST)
     config = PreprocessConfig(
         max_length=args.max_length or None,
         min_length=args.min_length,

@@ -11,8 +11,8 @@ from tqdm import tqdm
 from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..errors import ConfigError, InvalidSequenceError
 from ..fasta import read_fasta
-from ..fsutil import atomic_text_file
-from .common import add_model_args, add_sequence_policy_args, load_model, sequence_policy
+from ..fsutil import atomic_text_file, check_output
+from .common import add_model_args, add_overwrite_arg, add_sequence_policy_args, existing, load_model, sequence_policy
 from .generate import summary
 
 
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="FASTA file (plain or .gz)")
     p.add_argument("-o", "--output", required=True, help="output CSV (written atomically)")
+    add_overwrite_arg(p)
     p.add_argument("--seed", type=int, default=0, help="masking seed (default: 0)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of residues masked (default: 0.15)")
     p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pll", action="store_true", help="all-positions pseudo-likelihood instead: every residue "
                    "masked alone (one encoder pass per residue); n_masked = residues scored, perplexity = "
                    "pseudo-perplexity")  # fmt: skip
-    add_model_args(p)
+    add_model_args(p, decoding=True)
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
 
@@ -53,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("variants", nargs="*", metavar="VARIANT", help="variants such as A23G or A23G:K45R")
     v.add_argument("--variants", dest="variants_file", help="file with one variant per line (or comma-separated)")
     v.add_argument("-o", "--output", required=True, help="output CSV (written atomically)")
-    add_model_args(v)
+    add_overwrite_arg(v)
+    add_model_args(v, decoding=True)
     add_sequence_policy_args(v)
     v.set_defaults(func=run_variants)
 
@@ -61,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..inference.score import score_fasta
 
+    check_output(args.output, inputs=existing(args.input, args.model), overwrite=args.overwrite)
     model = load_model(args)
     bar = tqdm(unit="prot", desc="score", dynamic_ncols=True)
     try:
@@ -93,6 +96,8 @@ def run_variants(args: argparse.Namespace) -> int:
     if args.sequence and args.input and not Path(args.input).exists():
         args.variants.insert(0, args.input)
         args.input = None
+    inputs = existing(args.input, args.variants_file, args.model)
+    check_output(args.output, inputs=inputs, overwrite=args.overwrite)
     variants = list(args.variants)
     if args.variants_file:
         text = Path(args.variants_file).read_text()

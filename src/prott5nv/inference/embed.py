@@ -227,7 +227,7 @@ def embed_fasta(
     _check_options(opt)
     kinds = opt.kinds()
     fmt = opt.format or format_from_path(output_path)
-    check_output(fmt, output_path)
+    check_output(fmt, output_path, inputs=(input_path,))
     length = opt.length(model)
     scan = scan_fasta(input_path, opt.policy, length, opt)
     if scan.too_long and length.mode == "refuse":

@@ -180,6 +180,7 @@ def infill(
     cfg = GenerationConfig(
         max_new_tokens=template.shape[1], num_beams=num_beams, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, num_return_sequences=num_samples, length_penalty=0.0,
+        vocab_limit=tokenizer.real_vocab_size,
     )  # fmt: skip
     cfg.validate()
     expand = num_beams if num_beams > 1 else num_samples

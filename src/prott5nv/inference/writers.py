@@ -17,11 +17,13 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigError, ProtT5nvError
+from ..fsutil import check_output as check_path
 from ..fsutil import replace_path
 
 POOLINGS = ("mean", "max", "first")
 KINDS = (*POOLINGS, "per_residue")
 FORMATS = ("h5", "npy", "parquet")
+NPY_INDEX = "index.tsv"  # every .npy output directory has one: what marks it as ours
 
 
 def h5_key(record_id: str) -> str:
@@ -122,7 +124,7 @@ class NpyWriter(Writer):
     def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
         super().__init__(path, kinds, attrs)
         self.tmp_path.mkdir()
-        self._index = open(self.tmp_path / "index.tsv", "w")
+        self._index = open(self.tmp_path / NPY_INDEX, "w")
         self._index.write("\t".join(["record", "id", "length", *kinds]) + "\n")
 
     def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
@@ -204,10 +206,12 @@ class ParquetWriter(Writer):
             self._writer.close()
 
 
-def check_output(fmt: str, path: str | os.PathLike) -> None:
-    """Refuse, before any compute, an output that could not be written at the end."""
-    if fmt != "npy" and Path(path).is_dir():
-        raise ProtT5nvError(f"{path}: is a directory, expected an output file name")
+def check_output(fmt: str, path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse, before any compute, an output that could not be written at the end, or whose writing would
+    lose data (:func:`~prott5nv.fsutil.check_output`; the API replaces a previous output: a file, or a
+    directory of `.npy` files with its ``index.tsv``, never anything else)."""
+    npy = fmt == "npy"
+    check_path(path, inputs=inputs, overwrite=True, kind="dir" if npy else "file", marker=NPY_INDEX if npy else None)
     if fmt == "parquet":
         try:
             import pyarrow  # noqa: F401

@@ -37,6 +37,10 @@ class GenerationConfig:
     use_cache: bool = True
     speculative: bool = True  # greedy, fp32 on CPU: an int8 draft proposes, the model verifies (see above)
     draft_tokens: int = 6  # tokens proposed per verification pass
+    #: ids >= this are never emitted: the rows of the embedding table past the tokenizer's real vocabulary
+    #: (padding to a multiple of 128, as NeMo's ``decode()`` masks ids >= ``tokenizer.vocab_size``); None =
+    #: every row of the table. Set from the tokenizer by the caller (the model does not know its tokenizer).
+    vocab_limit: int | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +65,8 @@ class GenerationConfig:
             raise ConfigError("greedy decoding returns one sequence per input; use do_sample or num_beams")
         if self.draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if self.vocab_limit is not None and self.vocab_limit < 1:
+            raise ConfigError(f"vocab_limit must be >= 1, got {self.vocab_limit}")
         if self.early_stopping not in (True, False, "never"):
             raise ConfigError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
 
@@ -84,24 +90,33 @@ class GenerationOutput:
 
 # -------------------------------------------------------------------------------------- the stepper
 class Stepper:
-    """One decoder step at a time, with or without the key/value cache."""
+    """One decoder step at a time, with or without the key/value cache. Every logit any search algorithm
+    sees comes from here, so this is the one place where ids >= `vocab_limit` are set to -inf."""
 
-    def __init__(self, model: T5Model, memory: Tensor, memory_mask: Tensor | None, use_cache: bool, steps: int) -> None:
+    def __init__(self, model: T5Model, memory: Tensor, memory_mask: Tensor | None, use_cache: bool, steps: int,
+                 vocab_limit: int | None = None) -> None:  # fmt: skip
         self.model, self.memory, self.memory_mask = model, memory, memory_mask
         self.cache: DecodingCache | None = DecodingCache(len(model.decoder.blocks), steps) if use_cache else None
+        self.vocab_limit = vocab_limit
+
+    def _lm_logits(self, hidden: Tensor) -> Tensor:
+        logits = self.model.lm_logits(hidden).float()
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[..., self.vocab_limit :] = float("-inf")
+        return logits
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Next-token logits (fp32) ``[N, V]`` given all decoder tokens so far ``[N, t]``."""
         x = tokens[:, -1:] if self.cache is not None else tokens
         hidden = self.model.decode(x, self.memory, self.memory_mask, cache=self.cache)
-        return self.model.lm_logits(hidden[:, -1]).float()
+        return self._lm_logits(hidden[:, -1])
 
     def feed(self, tokens: Tensor) -> Tensor:
         """Logits (fp32) ``[N, m, V]`` after each of the tokens ``[N, m]`` not yet in the cache (the cached
         prefix is skipped), which then join it."""
         assert self.cache is not None
         hidden = self.model.decode(tokens[:, self.cache.length :], self.memory, self.memory_mask, cache=self.cache)
-        return self.model.lm_logits(hidden).float()
+        return self._lm_logits(hidden)
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows `index` (beam search; see :meth:`~prott5nv.model.t5.DecoderCache.reorder`)."""

@@ -93,13 +93,13 @@ def generate(
         apply_decoding_layout(model)
     # the decoder's rows are `expand` consecutive beams/samples per input; they share the encoder states
     expand = cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
-    decoder = Stepper(model, encoder_hidden, attention_mask, cfg.use_cache, cfg.max_new_tokens)
+    decoder = Stepper(model, encoder_hidden, attention_mask, cfg.use_cache, cfg.max_new_tokens, cfg.vocab_limit)
     if cfg.num_beams > 1:
         return _beam_search(decoder, encoder_hidden.shape[0], cfg, decoder_start_id, eos_id, pad_id, logits_processor)
     if speculates(model, cfg, logits_processor):
         proposer = draft_model(model)
         memory = encoder_hidden.to(proposer.embeddings.word_embeddings.weight.dtype)
-        draft = Stepper(proposer, memory, attention_mask, True, cfg.max_new_tokens)
+        draft = Stepper(proposer, memory, attention_mask, True, cfg.max_new_tokens, cfg.vocab_limit)
         return greedy_speculative(decoder, draft, cfg, decoder_start_id, eos_id, pad_id)
     return _greedy_or_sample(decoder, encoder_hidden.shape[0] * expand, cfg, decoder_start_id, eos_id, pad_id,
                              generator, logits_processor)  # fmt: skip
