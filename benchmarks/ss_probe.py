@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-onehot", action="store_true", help="skip the one-hot rows (e.g. measured already)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/ss_probe"))
@@ -125,6 +126,8 @@ def main() -> None:
         ("model", "linear", lambda: embeddings(trained, args.model)),
         ("model", "cnn", lambda: embeddings(trained, args.model)),
     ]
+    if args.skip_onehot:
+        rows = rows[2:]
     results = [majority_row(data)]
     print(f"{results[0]['features']}: test Q3 {results[0]['q3']:.4f}", flush=True)
     for features, head, make in rows:

@@ -346,7 +346,7 @@ def test_full_queue_gets_429_with_retry_after_and_client_retries(servers, protei
     out: list = [None] * 4
 
     def embed(k: int) -> None:
-        out[k] = Client(strict.url, api_key=KEY, backoff=0.05).embed(seqs)
+        out[k] = Client(strict.url, api_key=KEY, backoff=0.05, retries=30).embed(seqs)  # 4 clients share one slot
 
     threads = [threading.Thread(target=embed, args=(k,)) for k in range(4)]
     for t in threads:

@@ -60,7 +60,7 @@ FLAGS: list[tuple[str, type, str]] = [
     ("device", str, "cpu, cuda or auto"),
     ("threads", int, "torch threads per process (default: PyTorch's)"),
     ("probe_task", str, "downstream classification task file (CSV, see `finetune`): a linear probe on frozen "
-     "embeddings is trained and scored every --probe-every steps (rank 0; metrics.jsonl probe_accuracy)"),
+     "embeddings is trained and scored at step 0 and every --probe-every steps (rank 0; metrics.jsonl probe_accuracy)"),
     ("probe_every", int, "steps between downstream probes"),
 ]
 DEFAULTS = TrainConfig()
