@@ -34,6 +34,17 @@ from ..sequence import STANDARD_RESIDUES
 from ..tokenizer import ProteinTokenizer
 
 
+def num_masked(masked_lm_prob: float, length: int) -> int:
+    """Residues masked (span) or corrupted (denoise) in a sample of `length` tokens: NeMo's
+    ``max(1, round(p * L))``, the same count for every objective."""
+    return max(1, int(round(masked_lm_prob * length)))
+
+
+def _check_masked_lm_prob(masked_lm_prob: float) -> None:
+    if not 0 < masked_lm_prob < 1:
+        raise ConfigError(f"masked_lm_prob {masked_lm_prob} must be in (0, 1)")
+
+
 @dataclass(frozen=True)
 class T5Sample:
     """One masked sample, unpadded (int64 arrays)."""
@@ -64,8 +75,7 @@ class T5Masker:
                 "the tokenizer's sentinels are collapsed onto one id: T5 span corruption could not be "
                 "undone (use a tokenizer with distinct sentinels, ids 32-127)"
             )
-        if not 0 < masked_lm_prob < 1:
-            raise ConfigError(f"masked_lm_prob {masked_lm_prob} must be in (0, 1)")
+        _check_masked_lm_prob(masked_lm_prob)
         if mean_span_length < 1:
             raise ConfigError(f"mean_span_length {mean_span_length} must be at least 1")
         self.tok = tokenizer
@@ -90,7 +100,7 @@ class T5Masker:
 
     def num_masked(self, length: int) -> int:
         """How many tokens of a sample of `length` tokens are masked (NeMo: ``max(1, round(p * L))``)."""
-        return max(1, int(round(self.masked_lm_prob * length)))
+        return num_masked(self.masked_lm_prob, length)
 
     def _num_spans(self, masked: int, length: int) -> int:
         spans = max(1, int(round(masked / self.mean_span_length)))
@@ -154,8 +164,7 @@ class DenoiseMasker:
         seed: int = 0,
         random_fraction: float = 0.1,
     ):
-        if not 0 < masked_lm_prob < 1:
-            raise ConfigError(f"masked_lm_prob {masked_lm_prob} must be in (0, 1)")
+        _check_masked_lm_prob(masked_lm_prob)
         self.tok = tokenizer
         self.seq_length, self.masked_lm_prob, self.seed = seq_length, masked_lm_prob, seed
         self.random_fraction = random_fraction
@@ -166,7 +175,7 @@ class DenoiseMasker:
         self.decoder_start_id = tokenizer.decoder_start_id if tokenizer.bos_id is None else tokenizer.bos_id
 
     def num_masked(self, length: int) -> int:
-        return max(1, int(round(self.masked_lm_prob * length)))
+        return num_masked(self.masked_lm_prob, length)
 
     def __call__(self, ids: np.ndarray, index: int, epoch: int = 0) -> T5Sample:
         tokens = np.asarray(ids, dtype=np.int64)[: self.max_tokens]
