@@ -7,6 +7,12 @@ p(r | the true residue to its left) (add-one smoothed; the first residue falls b
 bigram baseline sees a true neighbour even where the model's input has a sentinel there: it is a
 deliberately strong baseline.
 
+With `--encoder`, the same residues are also predicted from the encoder alone (each masked residue
+replaced by `<mask>` in place, as the denoise objective does, read through the LM head at its position):
+the number that shows whether an encoder trained with `--encoder-loss-weight` uses context at all (a
+model on the unigram plateau scores the unigram perplexity here). Meaningless for models whose encoder
+states were never trained against the LM head (span corruption only).
+
     python benchmarks/heldout_perplexity.py --model prott5nv-demo --data DATA_DIR --threads 2
 
 DATA_DIR is a `prott5nv preprocess` store (its `test` split is scored, its `train` split gives the
@@ -29,6 +35,19 @@ from prott5nv.inference.score import make_masker, mask_protein, residue_nll
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
 
 
+@torch.no_grad()
+def encoder_nll(model: prott5nv.ProtT5nv, ids: np.ndarray, where: np.ndarray) -> float:
+    """Summed NLL of the residues at `where`, each replaced by `<mask>`, read from the encoder's states."""
+    net, tok = model.model, model.tokenizer
+    if tok.mask_id is None:
+        raise SystemExit(f"{model.name}: its vocabulary has no <mask> token: --encoder does not apply")
+    x = torch.as_tensor(ids, dtype=torch.long)[None].clone()
+    target = x[0, where].clone()
+    x[0, where] = tok.mask_id
+    logits = net.lm_logits(net.encode(x)).float()[0, where]
+    return float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="prott5nv-demo")
@@ -37,6 +56,7 @@ def main() -> None:
     ap.add_argument("--max-proteins", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--encoder", action="store_true", help="also score the residues from the encoder alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = prott5nv.load(args.model, dtype="float32", device="cpu")
@@ -53,7 +73,7 @@ def main() -> None:
     bi /= bi.sum(1, keepdims=True)
     masker = make_masker(model, args.seed)
     n = len(test) if args.max_proteins is None else min(args.max_proteins, len(test))
-    model_nll = uni_nll = bi_nll = 0.0
+    model_nll = uni_nll = bi_nll = enc_nll = 0.0
     count = 0
     for a in range(0, n, args.batch):
         seqs = [test.sequence(i) for i in range(a, min(n, a + args.batch))]
@@ -67,11 +87,15 @@ def main() -> None:
             left = np.where(where > 0, codes[np.maximum(where - 1, 0)], -1)
             probs = np.where(left >= 0, bi[np.maximum(left, 0), codes[where]], uni[codes[where]])
             bi_nll -= np.log(probs).sum()
+            if args.encoder:
+                enc_nll += encoder_nll(model, tok.encode_residues(seq[: masker.max_tokens]), where)
             count += k
     print(f"{args.model}: {n} held-out proteins, {count:,} masked residues (seed {args.seed})")
-    for name, total in (("model", model_nll), ("unigram (train frequencies)", uni_nll),
-                        ("bigram (true left neighbour)", bi_nll)):  # fmt: skip
-        print(f"  {name:<30} perplexity {math.exp(total / count):7.3f}")
+    rows = [("model", model_nll), ("unigram (train frequencies)", uni_nll), ("bigram (true left neighbour)", bi_nll)]
+    if args.encoder:
+        rows.append(("encoder alone (<mask> in place)", enc_nll))
+    for name, total in rows:
+        print(f"  {name:<32} perplexity {math.exp(total / count):7.3f}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@
 set -euo pipefail
 src=${1:-../shared/data/swissprot_dev_100k.fasta.gz}
 work=${2:-runs/demo}
-short_steps=${3:-500}
-full_steps=${4:-250}
+short_steps=${3:-749}
+full_steps=${4:-175}
 export OMP_WAIT_POLICY=passive
 mkdir -p "$work"
 [ -f "$work/data/manifest.json" ] || prott5nv preprocess "$src" -o "$work/data" --max-length 512 --val 1000 --test 2000 --seed 0
