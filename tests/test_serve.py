@@ -436,3 +436,40 @@ def test_embed_cli_with_server_writes_the_local_file(servers, tmp_path):
         np.testing.assert_allclose(remote_data[name][1], values, atol=ATOL, rtol=RTOL)
     assert len(_h5_contents(keyed_out)[1]) == len(list(read_fasta(SAMPLE_FASTA)))
     assert main(["embed", str(SAMPLE_FASTA), "-o", str(tmp_path / "x.h5"), "--server", strict.url]) == 2  # no key
+
+
+def test_timed_out_request_is_dropped_from_the_queue(tiny_model, real_proteins, monkeypatch):
+    """A generate request that times out while it waits behind a slow job of the same batcher window gets
+    503, leaves the queue at once (/health pending drops while the slow job still runs) and is never
+    computed afterwards."""
+    from fastapi.testclient import TestClient
+
+    from prott5nv.serve.app import create_app
+    from prott5nv.serve.limits import ServeLimits
+
+    calls: list[int] = []
+    real_generate = tiny_model.generate
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    app = create_app(tiny_model, ServeLimits(timeout_s=1.0, max_queue=4))
+    batcher = app.state.batcher  # not started: TestClient without `with` runs no lifespan
+    http = TestClient(app)
+    release, running = threading.Event(), threading.Event()
+    slow = batcher.submit_call(lambda: running.set() or release.wait(60))
+    answers: list[httpx.Response] = []
+    body = {"sequences": [{"id": real_proteins[0][0], "sequence": real_proteins[0][1][:40] + "<mask>"}]}
+    sender = threading.Thread(target=lambda: answers.append(http.post("/v1/generate", json=body)))
+    sender.start()
+    while batcher.pending < 2:  # the request is queued behind the slow job
+        time.sleep(0.01)
+    batcher.start()  # one window takes both: the slow job runs, the request waits behind it
+    running.wait(60)
+    sender.join(60)
+    try:
+        assert answers[0].status_code == 503 and answers[0].headers["Retry-After"] == "1"
+        assert http.get("/health").json()["pending"] == 1  # only the slow job: the request left the queue
+    finally:
+        release.set()
+        batcher.submit_call(lambda: None).result(60)  # everything before it has been handled
+        batcher.stop()
+    assert slow.result() is True and calls == []  # the timed-out request was never computed
+    assert batcher.pending == 0
