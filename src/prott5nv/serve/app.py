@@ -18,12 +18,12 @@ The OpenAPI schema is the contract (:mod:`.schemas`): the request models carry t
 every answer's body is declared, and every error answer has one body, :class:`~.schemas.ErrorBody`
 (``{"detail": "one line", "id", "index", "position", "errors": [{"loc", "msg", "type"}]}``, the optional
 fields only where they apply). Status codes: 413 over a server limit (body bytes, sequences, residues,
-per-residue output values, ``max_new_tokens``, beams / returned sequences / samples: every number under
+per-residue output values, ``max_new_tokens``, beams / returned sequences / samples: the request limits under
 ``/v1/model`` ``limits``); 422 anything else wrong (schema violation, invalid residue -- with id, index
-and position --, empty sequence, duplicate id, settings the model cannot honour); 429 queue full (with
-``Retry-After``); 401 missing/wrong API key (when the server has keys); 503 request timed out
-(``Retry-After``; a request still waiting is dropped, never computed); 500 a bug. Every ``/v1/*`` path
-needs the key when keys are configured (header ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``,
+and position --, empty sequence, duplicate id, settings the model cannot honour); 400 a body that is not
+JSON text; 429 queue full (with ``Retry-After``); 401 missing/wrong API key (when the server has keys);
+503 request timed out (``Retry-After``; a request still waiting is dropped, never computed); 500 a bug.
+Every ``/v1/*`` path needs the key when keys are configured (header ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``,
 compared in constant time); ``/health`` and the docs do not.
 
 FastAPI reads the request models from the route signatures, and those models are built per app, so the
@@ -67,7 +67,7 @@ from .schemas import (
     error_responses,
     limit_message,
     request_models,
-)  # fmt: skip
+)
 from .wire import encode_array
 
 log = logging.getLogger(__name__)
