@@ -170,6 +170,10 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_model, prompts):
     top1 = tiny_model.generate(prompts, seed=3, do_sample=True, top_k=1, temperature=0.7, max_new_tokens=12)
     nucleus = tiny_model.generate(prompts, seed=3, do_sample=True, top_p=1e-6, max_new_tokens=12)
     assert [g.token_ids for g in top1] == [g.token_ids for g in greedy] == [g.token_ids for g in nucleus]
+    # the limits: a top_p or temperature that float32 rounds to 0 (or overflows with) still samples greedily
+    for extreme in (dict(top_p=5e-324), dict(temperature=5e-324), dict(temperature=1e-40, top_p=1e-50)):
+        limit = tiny_model.generate(prompts, seed=3, do_sample=True, max_new_tokens=12, **extreme)
+        assert [g.token_ids for g in limit] == [g.token_ids for g in greedy], extreme
 
 
 def test_generate_targets_and_hiddens_to_seq(tiny_model, prompts):

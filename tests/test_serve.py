@@ -24,6 +24,7 @@ from conftest import DEMO_DIM, SAMPLE_FASTA, SWISSPROT
 import prott5nv
 from prott5nv.client import Client, RemoteEncoder, ServerError
 from prott5nv.data.batching import token_budget_batches
+from prott5nv.errors import InvalidSequenceError
 from prott5nv.fasta import read_fasta
 from prott5nv.inference.score import score_sequences
 from prott5nv.serve.batcher import DynamicBatcher
@@ -63,7 +64,7 @@ class Server:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
                     if json.loads(r.read())["status"] == "ok":
                         return
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # not up, or too busy to answer yet
                 time.sleep(0.2)
         raise AssertionError(f"server not ready after {timeout} s: {self.log.read_text()[-2000:]}")
 
@@ -249,7 +250,19 @@ def test_bad_input_gets_422_with_id_and_position(servers, proteins):
     r = post(url, {"sequences": [{"id": "gap", "sequence": good[:4] + "-" + good[4:]}], "strip_gaps": True})
     assert r.status_code == 200
     assert post(url, {"sequences": [{"id": "e", "sequence": " *"}]}).json()["detail"] == "record 'e': empty sequence"
-    assert post(url, {"sequences": []}).json() == {"detail": "sequences: the list is empty"}
+    r = post(url, {"sequences": []})  # refused by the schema (minItems 1), with the one error body
+    assert r.status_code == 422 and r.json() == {
+        "detail": "sequences: List should have at least 1 item after validation, not 0",
+        "errors": [{"loc": ["body", "sequences"], "msg": "List should have at least 1 item after validation, not 0",
+                    "type": "too_short"}],
+    }  # fmt: skip
+    twice = [{"id": "P1", "sequence": good}, {"id": "P2", "sequence": good}, {"id": "P1", "sequence": good[:50]}]
+    for path in ("/v1/embeddings", "/v1/score", "/v1/generate", "/v1/infill"):  # as the CLI refuses a FASTA's
+        r = post(server.url + path, {"sequences": twice})
+        assert r.status_code == 422, path
+        assert r.json() == {"detail": "record 'P1': duplicate id (first at index 0)", "id": "P1", "index": 2}
+    with pytest.raises(InvalidSequenceError, match="record 'P1': duplicate id"):
+        Client(server.url).embed([good, good], ["P1", "P1"])  # refused before sending (they may span requests)
     cases = {  # wrong types, missing or unknown fields: pydantic's location of the problem
         "number as sequence": ({"sequences": [{"id": "x", "sequence": 5}]}, ["body", "sequences", 0, "sequence"]),
         "no id": ({"sequences": [{"sequence": good}]}, ["body", "sequences", 0, "id"]),
@@ -261,15 +274,21 @@ def test_bad_input_gets_422_with_id_and_position(servers, proteins):
     for name, (body, loc) in cases.items():
         r = post(url, body)
         assert r.status_code == 422, name
-        assert loc in [d["loc"] for d in r.json()["detail"]], (name, r.json())
+        assert loc in [d["loc"] for d in r.json()["errors"]], (name, r.json())
+        assert r.json()["detail"].startswith(".".join(map(str, loc[1:])) + ": "), (name, r.json())
+    r = post(url, {"sequences": [{"id": "ok", "sequence": good}, {"id": "n", "sequence": 5}]})
+    assert (r.json()["id"], r.json()["index"]) == ("n", 1)  # schema errors in a sequence name it too
     r = httpx.post(url, content=b'{"sequences": [', headers={"Content-Type": "application/json"}, timeout=10)
-    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    assert r.status_code == 422 and r.json()["errors"][0]["type"] == "json_invalid"
     r = post(server.url + "/v1/generate", {"sequences": [{"id": "m", "sequence": "MKT<mask:0>A"}]})
     assert r.status_code == 422 and r.json()["id"] == "m"
-    r = post(server.url + "/v1/generate", {"sequences": [{"id": "m", "sequence": "MKT<mask>A"}], "num_beams": 99})
-    assert r.status_code == 422 and "server allows 16" in r.json()["detail"]
+    r = post(server.url + "/v1/generate", {"sequences": [{"id": "m", "sequence": "MKT<mask>A"}], "num_beams": 0})
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "num_beams"]  # invalid at any server
     r = post(server.url + "/v1/score", {"sequences": [{"id": "s", "sequence": good}], "mask_prob": 1.5})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask_prob"]
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "mask_prob"]
+    r = post(server.url + "/v1/generate", {"sequences": [{"id": "m", "sequence": "MKT<mask>A"}], "num_beams": 4,
+                                           "do_sample": True})  # fmt: skip
+    assert r.status_code == 422 and "cannot be combined" in r.json()["detail"]  # the model's own check
     r = post(server.url + "/v1/score", {"sequences": [{"id": "s", "sequence": good}], "mask_prob": 0.9})
     assert r.status_code == 422 and "sentinels" in r.json()["detail"]  # the masker's own check
     r = httpx.post(server.url + "/v1/embeddings", content=b"[" * 100_000, timeout=10)  # nesting bomb
@@ -280,8 +299,20 @@ def test_bad_input_gets_422_with_id_and_position(servers, proteins):
 def test_oversized_input_gets_413(servers, proteins):
     server, _ = servers
     url = server.url + "/v1/embeddings"
-    r = post(url, {"sequences": items(proteins[:65])})
+    r = post(url, {"sequences": items(proteins[:65])})  # over the schema's maxItems, a server limit: 413
     assert r.status_code == 413 and r.json()["detail"] == "65 sequences in one request; the limit is 64"
+    assert r.json()["errors"] == [{"loc": ["body", "sequences"], "type": "too_long",
+                                   "msg": "List should have at most 64 items after validation, not 65"}]  # fmt: skip
+    masked = {"sequences": [{"id": "m", "sequence": "MKT<mask>A"}]}
+    for setting, limit in (("num_beams", 16), ("num_return_sequences", 16), ("max_new_tokens", 512)):
+        r = post(server.url + "/v1/generate", {**masked, setting: limit + 1})
+        assert r.status_code == 413, setting
+        assert r.json()["detail"] == f"{setting} {limit + 1} exceeds the server limit of {limit}"
+    r = post(server.url + "/v1/infill", {**masked, "num_samples": 17})
+    assert r.status_code == 413 and r.json()["detail"] == "num_samples 17 exceeds the server limit of 16"
+    r = post(server.url + "/v1/infill", {"sequences": [{"id": "m", "sequence": "MKT<mask:99999999999>A"}]})
+    assert r.status_code == 413 and r.json() == {  # refused before the masked text is built
+        "detail": "m: more than 512 residues (masked ones included)", "id": "m", "index": 0}  # fmt: skip
     long_seq = "".join(s for _, s in proteins[:3])[:513]
     r = post(url, {"sequences": [{"id": "a", "sequence": "MKV"}, {"id": "long", "sequence": long_seq}]})
     assert r.status_code == 413 and (r.json()["id"], r.json()["index"]) == ("long", 1)
@@ -365,9 +396,26 @@ def test_model_info_and_docs(servers, local):
     assert info["vocabulary"] == list(local.tokenizer.tokens) and len(info["vocabulary"]) == 128
     assert info["config"] == local.config.to_dict() and info["max_length"] == 512
     assert info["limits"]["max_sequences"] == 64 and info["limits"]["max_residues"] == 512
-    paths = httpx.get(server.url + "/openapi.json", timeout=10).json()["paths"]
-    assert {"/health", "/v1/model", "/v1/embeddings", "/v1/score", "/v1/generate", "/v1/infill"} <= set(paths)
+    schema = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    paths, models = schema["paths"], schema["components"]["schemas"]
+    assert {"/health", "/v1/model", "/v1/embeddings", "/v1/score", "/v1/generate", "/v1/infill"} == set(paths)
     assert httpx.get(server.url + "/docs", timeout=10).status_code == 200
+    # the schema states this server's limits (--max-sequences 64, the defaults otherwise) ...
+    sequences = models["EmbeddingsRequest"]["properties"]["sequences"]
+    assert (sequences["minItems"], sequences["maxItems"]) == (1, 64)
+    assert models["SequenceIn"]["properties"]["sequence"]["maxLength"] == 2 * 20000 + 1024
+    generate = models["GenerateRequest"]["properties"]
+    assert generate["num_beams"]["maximum"] == generate["num_return_sequences"]["maximum"] == 16
+    assert generate["max_new_tokens"]["maximum"] == 512
+    # ... and one error body for every error of every operation
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            errors = {code: r for code, r in op["responses"].items() if code != "200"}
+            if method == "post":
+                assert set(errors) == {"400", "401", "413", "422", "429", "500", "503"}, path
+            for response in errors.values():
+                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "HTTPValidationError" not in models
 
 
 def test_missing_extra_is_one_line(monkeypatch, capsys):
@@ -436,3 +484,40 @@ def test_embed_cli_with_server_writes_the_local_file(servers, tmp_path):
         np.testing.assert_allclose(remote_data[name][1], values, atol=ATOL, rtol=RTOL)
     assert len(_h5_contents(keyed_out)[1]) == len(list(read_fasta(SAMPLE_FASTA)))
     assert main(["embed", str(SAMPLE_FASTA), "-o", str(tmp_path / "x.h5"), "--server", strict.url]) == 2  # no key
+
+
+def test_timed_out_request_is_dropped_from_the_queue(tiny_model, real_proteins, monkeypatch):
+    """A generate request that times out while it waits behind a slow job of the same batcher window gets
+    503, leaves the queue at once (/health pending drops while the slow job still runs) and is never
+    computed afterwards."""
+    from fastapi.testclient import TestClient
+
+    from prott5nv.serve.app import create_app
+    from prott5nv.serve.limits import ServeLimits
+
+    calls: list[int] = []
+    real_generate = tiny_model.generate
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    app = create_app(tiny_model, ServeLimits(timeout_s=1.0, max_queue=4))
+    batcher = app.state.batcher  # not started: TestClient without `with` runs no lifespan
+    http = TestClient(app)
+    release, running = threading.Event(), threading.Event()
+    slow = batcher.submit_call(lambda: running.set() or release.wait(60))
+    answers: list[httpx.Response] = []
+    body = {"sequences": [{"id": real_proteins[0][0], "sequence": real_proteins[0][1][:40] + "<mask>"}]}
+    sender = threading.Thread(target=lambda: answers.append(http.post("/v1/generate", json=body)))
+    sender.start()
+    while batcher.pending < 2:  # the request is queued behind the slow job
+        time.sleep(0.01)
+    batcher.start()  # one window takes both: the slow job runs, the request waits behind it
+    running.wait(60)
+    sender.join(60)
+    try:
+        assert answers[0].status_code == 503 and answers[0].headers["Retry-After"] == "1"
+        assert http.get("/health").json()["pending"] == 1  # only the slow job: the request left the queue
+    finally:
+        release.set()
+        batcher.submit_call(lambda: None).result(60)  # everything before it has been handled
+        batcher.stop()
+    assert slow.result() is True and calls == []  # the timed-out request was never computed
+    assert batcher.pending == 0

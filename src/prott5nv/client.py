@@ -10,7 +10,8 @@ embed --server` needs no extra package, and a lab's script can talk to a shared 
 Long lists are sent in requests that respect the server's limits (read once from ``/v1/model``); arrays
 travel as base64 float32. A 429 (queue full) or 503 (timed out) is retried after the server's
 ``Retry-After``; so are refused connections. Other errors raise :class:`ServerError` with the status and
-the server's message (for 422: the offending id and position).
+the server's error body (``detail``, and for a bad sequence its ``id``, ``index`` and ``position``).
+Duplicate ids are refused before anything is sent (:class:`~prott5nv.errors.InvalidSequenceError`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ProtT5nvError
+from .errors import InvalidSequenceError, ProtT5nvError
 from .serve.wire import decode_array
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,11 @@ class Client:
         names = list(ids) if ids is not None else [str(i + 1) for i in range(len(seqs))]
         if len(names) != len(seqs):
             raise ValueError(f"{len(names)} ids for {len(seqs)} sequences")
+        seen: set[str] = set()  # the server refuses duplicates within one request, the CLI within a file
+        for name in names:
+            if name in seen:
+                raise InvalidSequenceError(f"record '{name}': duplicate id")
+            seen.add(name)
         limits = self.model_info()["limits"]
         max_seqs = limits["max_sequences"]
         max_residues = min(limits["max_request_residues"], max_residues or limits["max_request_residues"])

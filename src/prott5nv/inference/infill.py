@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError, InvalidSequenceError
+from ..errors import ConfigError, InvalidSequenceError, SequenceTooLongError
 from ..model.generate import GenerationConfig, GenerationOutput, generate
 from ..model.t5 import T5Model
 from ..sequence import DEFAULT_POLICY, STANDARD_RESIDUES, SequencePolicy, clean_sequence
@@ -54,8 +54,11 @@ def parse_masked(
     tokenizer: ProteinTokenizer,
     record_id: str | None = None,
     policy: SequencePolicy = DEFAULT_POLICY,
+    max_residues: int | None = None,
 ) -> MaskedInput:
-    """Parse ``"MKT<mask>LLV<mask:3>A"`` (see the module docstring) into encoder ids and spans."""
+    """Parse ``"MKT<mask>LLV<mask:3>A"`` (see the module docstring) into encoder ids and spans. With
+    `max_residues`, a protein longer than that (masked residues included) raises
+    :class:`~prott5nv.errors.SequenceTooLongError` before its text is built (``<mask:99999999>``)."""
     who = record_id or "input"
     body = text.strip()
     body = body[:-1] if body.endswith("*") else body
@@ -77,6 +80,8 @@ def parse_masked(
         n = 1 if piece is None else int(piece)  # <mask> or <mask:K>
         if n < 1:
             raise InvalidSequenceError(f"{who}: <mask:{piece}> must hide at least one residue")
+        if max_residues is not None and pos + n > max_residues:
+            raise SequenceTooLongError(f"{who}: more than {max_residues} residues (masked ones included)")
         if len(spans) >= tokenizer.num_sentinels:
             raise InvalidSequenceError(f"{who}: more than {tokenizer.num_sentinels} masked spans (one sentinel each)")
         ids.append(tokenizer.sentinel(len(spans)))

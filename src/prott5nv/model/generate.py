@@ -43,9 +43,14 @@ _NEG = -1.0e9  # "impossible" score, as a finite number so that sums stay ordere
 
 
 def _warp(logits: Tensor, cfg: GenerationConfig) -> Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering of fp32 logits."""
+    """Temperature, then top-k, then nucleus (top-p) filtering of fp32 logits. However small the
+    temperature or top-p, the most likely token stays possible (no row is left without a token)."""
     if cfg.temperature != 1.0:
-        logits = logits / cfg.temperature
+        scaled = logits / cfg.temperature
+        if not bool(torch.isfinite(scaled.amax(-1)).all()):  # a temperature so small that it overflows:
+            top = logits.amax(-1, keepdim=True)  # its limit, the most likely token(s)
+            scaled = torch.where(logits == top, 0.0, float("-inf"))
+        logits = scaled
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -53,6 +58,7 @@ def _warp(logits: Tensor, cfg: GenerationConfig) -> Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= cfg.top_p  # mass before this token already >= p
+        drop_sorted[:, 0] = False  # a top_p below float32's smallest number would drop every token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -9,7 +9,11 @@ is routed back to its request; scoring jobs likewise. Generation and infilling j
 beyond float32 rounding, so a merged request gets what it would have got alone.
 
 Futures are :class:`concurrent.futures.Future`; an asyncio handler awaits ``asyncio.wrap_future(f)``.
-A job whose future was cancelled (its request timed out) before the worker reached it is skipped.
+A request that times out cancels its future, which frees its queue slot at once (``pending`` counts
+futures not yet done). A job is marked running only when its own computation starts -- a merged group
+just before its batches, a generation job just before its call -- so a job that timed out while it
+waited, even inside a window already being worked on, is skipped, never computed. A job whose
+computation has started cannot be interrupted: it finishes, and its slot is freed then.
 """
 
 from __future__ import annotations
@@ -158,17 +162,18 @@ class DynamicBatcher:
             if first is None:
                 break
             jobs, stop = self._collect(first)
-            live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             start = time.perf_counter()
-            self._run_merged([j for j in live if j.kind == "embed"], self._embed_batches)
-            self._run_merged([j for j in live if j.kind == "score"], self._score_all)
-            for job in (j for j in live if j.kind == "call"):
-                assert job.fn is not None
-                _settle(job, job.fn)
+            ran = self._run_merged([j for j in jobs if j.kind == "embed"], self._embed_batches)
+            ran += self._run_merged([j for j in jobs if j.kind == "score"], self._score_all)
+            for job in (j for j in jobs if j.kind == "call"):
+                if job.future.set_running_or_notify_cancel():  # not if it timed out while it waited
+                    assert job.fn is not None
+                    _settle(job, job.fn)
+                    ran += 1
             elapsed = time.perf_counter() - start
             self.busy_s += elapsed
-            if live:
-                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed / len(live)
+            if ran:
+                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed / ran
         for job in self._drain():
             job.future.cancel()
 
@@ -182,10 +187,12 @@ class DynamicBatcher:
             if job is not None:
                 jobs.append(job)
 
-    def _run_merged(self, jobs: list[_Job], compute: Callable[[list[Any]], list[Any]]) -> None:
-        """Run the items of `jobs` together and hand each job its slice of the results (or the error)."""
+    def _run_merged(self, jobs: list[_Job], compute: Callable[[list[Any]], list[Any]]) -> int:
+        """Run the items of `jobs` together and hand each job its slice of the results (or the error);
+        jobs cancelled meanwhile (timed out) are left out. Returns the number of jobs run."""
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if not jobs:
-            return
+            return 0
         items = [item for job in jobs for item in job.items]
         try:
             results = compute(items)
@@ -193,11 +200,12 @@ class DynamicBatcher:
             log.exception("batch of %d requests failed", len(jobs))
             for job in jobs:
                 job.future.set_exception(exc)
-            return
+            return len(jobs)
         offset = 0
         for job in jobs:
             job.future.set_result(results[offset : offset + len(job.items)])
             offset += len(job.items)
+        return len(jobs)
 
     def _embed_batches(self, token_ids: list[np.ndarray]) -> list[EmbeddingResult]:
         out: list[EmbeddingResult | None] = [None] * len(token_ids)

@@ -1,9 +1,11 @@
 """Request limits, input checks and API keys of the server, independent of the web framework.
 
-A request that breaks a size limit is refused with 413 (too many sequences, a sequence or the request too
-long, body too large); one whose content is wrong (bad residue, empty list or sequence) with 422. Both
-name the offending sequence by id and index; residue errors also give the 1-based position (the
-`position` field of :class:`~prott5nv.errors.InvalidSequenceError`), with the message of
+A request over one of these limits is refused with 413 (too many sequences, a sequence or the request too
+long, body too large, too many outputs or steps); one whose content is wrong (bad residue, empty
+sequence, duplicate id, wrong types, settings out of range) with 422. The bounds a schema can state are in
+the request models (:mod:`.schemas`); :func:`check_sequences` checks the rest. Its errors name the
+offending sequence by id and index; residue errors also give the 1-based position (the `position` field of
+:class:`~prott5nv.errors.InvalidSequenceError`), with the message of
 :func:`prott5nv.sequence.clean_sequence`.
 """
 
@@ -14,10 +16,10 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ..data.batching import DEFAULT_BATCH_TOKENS
-from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
+from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError, SequenceTooLongError
 from ..inference.length import UNBOUNDED_FALLBACK, resolve
 
 T = TypeVar("T")
@@ -48,6 +50,12 @@ class ServeLimits:
         limit = resolve(model_max_length, self.max_residues, flag="--max-residues").limit
         return ServeLimits(**{**asdict(self), "max_residues": limit or UNBOUNDED_FALLBACK})
 
+    @property
+    def max_request_chars(self) -> int:
+        """Characters of sequence text per request (whitespace, gaps and masks included), a cheap cap
+        checked before any cleaning; also the longest one sequence string may be."""
+        return 2 * self.max_request_residues + 1024
+
 
 class RequestError(ProtT5nvError):
     """A refused request: HTTP `status`, a message, and where it went wrong (sequence id / index /
@@ -61,31 +69,31 @@ class RequestError(ProtT5nvError):
         self.status, self.message, self.headers = status, message, headers or {}
         self.where = {k: v for k, v in (("id", id), ("index", index), ("position", position)) if v is not None}
 
-    def body(self) -> dict[str, Any]:
-        return {"detail": [{"msg": self.message, **self.where}]}
-
 
 def check_sequences(
     ids: Sequence[str], seqs: Sequence[str], encode: Callable[[str, str], T], limits: ServeLimits,
     length: Callable[[T], int] = len,
 ) -> list[T]:  # fmt: skip
-    """Encode every sequence of a request with ``encode(sequence, id)`` and enforce `limits` (count,
-    residues per sequence, residues per request). Raises :class:`RequestError` (413/422) on the first
-    problem. `length` gives the residues of an encoded sequence."""
-    if not seqs:
-        raise RequestError(422, "sequences: the list is empty")
-    if len(seqs) > limits.max_sequences:
-        raise RequestError(413, f"{len(seqs)} sequences in one request; the limit is {limits.max_sequences}")
+    """Encode every sequence of a request with ``encode(sequence, id)`` and enforce what the request
+    schema cannot (its models bound the count and each string): unique ids, residues per sequence and per
+    request. Raises :class:`RequestError` (413/422) on the first problem. `length` gives the residues of
+    an encoded sequence; `encode` may raise :class:`~prott5nv.errors.SequenceTooLongError` (413) itself."""
+    first: dict[str, int] = {}
+    for i, rid in enumerate(ids):
+        if first.setdefault(rid, i) != i:
+            raise RequestError(422, f"record '{rid}': duplicate id (first at index {first[rid]})", id=rid, index=i)
     raw_total = sum(len(s) for s in seqs)
-    if raw_total > 2 * limits.max_request_residues + 1024:  # cheap guard before any cleaning work
-        raise RequestError(413, f"request too long: {raw_total} characters of sequence")
+    if raw_total > limits.max_request_chars:  # cheap guard before any cleaning work
+        raise RequestError(413, f"request too long: {raw_total} characters of sequence; the limit is "
+                           f"{limits.max_request_chars}")  # fmt: skip
     out, total = [], 0
     assert limits.max_residues is not None, "call ServeLimits.resolved() first"
     for i, (rid, seq) in enumerate(zip(ids, seqs, strict=True)):
         try:
             encoded = encode(seq, rid)
         except InvalidSequenceError as exc:
-            raise RequestError(422, str(exc), id=rid, index=i, position=exc.position) from None
+            status = 413 if isinstance(exc, SequenceTooLongError) else 422
+            raise RequestError(status, str(exc), id=rid, index=i, position=exc.position) from None
         n = length(encoded)
         if n > limits.max_residues:
             raise RequestError(
