@@ -58,7 +58,7 @@ class FitOptions:
             if self.unfreeze_layers is not None:
                 raise ConfigError("--unfreeze-layers is for --finetune; --lora keeps every encoder weight frozen")
             if self.lora_rank <= 0 or self.lora_alpha <= 0:
-                raise ConfigError(f"lora_rank and lora_alpha must be positive, got {self.lora_rank} and {self.lora_alpha}")
+                raise ConfigError(f"lora_rank and lora_alpha must be positive, got {self.lora_rank}, {self.lora_alpha}")
             self.lora_modules()  # checks the target names
 
     @property
