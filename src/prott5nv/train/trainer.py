@@ -42,6 +42,7 @@ from ..tokenizer import ProteinTokenizer
 from .checkpointing import list_checkpoints, load_checkpoint_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from .fsdp import gather_model, gather_optimizer_state, load_optimizer_state, set_gradient_sync, shard_model
 from .optim import build_optimizer, inverse_sqrt_lr, set_lr
 
 log = logging.getLogger(__name__)
@@ -233,8 +234,6 @@ class Pretrainer:
             if not self.info.enabled:
                 raise ConfigError("--fsdp shards the model over torchrun ranks: launch with torchrun "
                                   "--nproc-per-node N (N >= 2)")  # fmt: skip
-            from .fsdp import shard_model
-
             shard_model(self.model, self.device, self.info)
         self.masker = build_masker(
             cfg.objective, self.tokenizer, seq_length=cfg.seq_length, seq_length_dec=cfg.seq_length_dec,
@@ -250,8 +249,6 @@ class Pretrainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "float16" else None
         if tensors is not None:
             if self.fsdp:
-                from .fsdp import load_optimizer_state
-
                 load_optimizer_state(self.model, self.optimizer, tensors["optimizer"])
             else:
                 self.optimizer.load_state_dict(tensors["optimizer"])
@@ -366,8 +363,6 @@ class Pretrainer:
         on rank 0 (None on the other ranks; every rank must call it)."""
         if not self.fsdp:
             return self.model
-        from .fsdp import gather_model
-
         return gather_model(self.model, self.info)
 
     def _save(self) -> None:
@@ -377,8 +372,6 @@ class Pretrainer:
             rank_rng = [torch.empty(0)] * self.info.world_size
             torch.distributed.all_gather_object(rank_rng, torch.get_rng_state())
         if self.fsdp:
-            from .fsdp import gather_optimizer_state
-
             optimizer_state = gather_optimizer_state(self.model, self.optimizer, self.info)
         else:
             optimizer_state = self.optimizer.state_dict()
@@ -439,8 +432,6 @@ class Pretrainer:
                 for i, batch in enumerate(micro):
                     sync = self.ddp is None or i == len(micro) - 1
                     if self.fsdp:
-                        from .fsdp import set_gradient_sync
-
                         set_gradient_sync(self.model, i == len(micro) - 1)
                     with contextlib.nullcontext() if sync else self.ddp.no_sync(), self._autocast():
                         ce_sum, enc_sum = _batch_loss(net, batch, self.device, use_enc)
