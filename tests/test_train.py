@@ -224,6 +224,61 @@ def test_two_ranks_match_one_rank_with_same_global_batch(data_dir, tmp_path):
     assert [r for r in metrics(two) if "loss" in r][-1]["consumed_samples"] == 64
 
 
+def test_fsdp_matches_ddp_and_its_checkpoints_resume_and_load(data_dir, tmp_path):
+    """Two ranks with --fsdp (FSDP2 fully_shard over gloo; micro-batches accumulated without a gradient
+    reduction until the last) take the DDP run's steps: the same losses (rel 1e-5: only the order of the
+    grad-norm sum differs) and weights. Its checkpoints are native (the full state gathered on rank 0):
+    they load for inference, and the step-4 one resumes under FSDP to the uninterrupted run's losses."""
+    common = ["--data", data_dir, *SMALL_RUN, "--max-steps", 8, "--micro-batch-size", 2, "--accumulate", 2,
+              "--lr", "1e-3", "--warmup-steps", 2, "--dropout", 0.1, "--val-every", 4, "--save-every", 4,
+              "--keep-last", 2, "--val-samples", 31]  # fmt: skip  # 31: the ranks validate 16 and 15 proteins
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    res = _torchrun(2, *common, "--out", ddp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _torchrun(2, *common, "--out", fsdp, "--fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = losses(ddp), losses(fsdp)
+    assert sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    val_a = [r["val_loss"] for r in metrics(ddp) if "val_loss" in r]
+    val_b = [r["val_loss"] for r in metrics(fsdp) if "val_loss" in r]
+    assert len(val_b) == 2 and val_b == pytest.approx(val_a, rel=1e-5)
+    assert yaml_settings(fsdp)["fsdp"] is True
+    for path in ("model", "checkpoints/step_00000004"):  # native checkpoints: prott5nv.load reads them
+        torch.testing.assert_close(prott5nv.load(fsdp / path).model.state_dict(),
+                                   prott5nv.load(ddp / path).model.state_dict(), rtol=1e-4, atol=1e-6)  # fmt: skip
+    seqs = ["MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHF"]  # human hemoglobin alpha, residues 1-47
+    assert prott5nv.load(fsdp / "model").seqs_to_embedding(seqs).shape == (1, preset("tiny").d_model)
+    state = torch.load(fsdp / "checkpoints/step_00000004/trainer_state.pt", weights_only=True)
+    assert sorted(state["optimizer"]["state"]) == list(range(len(list(T5Model(preset("tiny")).parameters()))))
+
+    resumed = tmp_path / "resumed"  # the run as it was after its step-4 checkpoint
+    shutil.copytree(fsdp, resumed, ignore=shutil.ignore_patterns("step_00000008", "model"))
+    res = _torchrun(2, *common, "--out", resumed, "--fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = losses(resumed)
+    assert sorted(c) == list(range(1, 9))
+    for step in range(5, 9):
+        assert c[step] == pytest.approx(b[step], rel=1e-6), step
+    torch.testing.assert_close(prott5nv.load(resumed / "model").model.state_dict(),
+                               prott5nv.load(fsdp / "model").model.state_dict())  # fmt: skip
+
+
+def yaml_settings(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_fsdp_needs_ranks(data_dir, tmp_path, capsys):
+    assert pretrain("--data", data_dir, "--out", tmp_path / "r", "--preset", "tiny", "--max-steps", 1, "--fsdp") == 2
+    assert "--fsdp shards the model over torchrun ranks" in capsys.readouterr().err
+    assert pretrain("--data", data_dir, "--out", tmp_path / "r", "--preset", "tiny", "--fsdp", "--precision",
+                    "fp16") == 2  # fmt: skip
+    assert "use bf16" in capsys.readouterr().err
+
+
 def test_kill_and_resume_reaches_the_same_loss(data_dir, tmp_path):
     """SIGKILL after a checkpoint, rerun the same command: the losses equal an uninterrupted run's
     (dropout on, so the restored RNG state matters)."""

@@ -5,8 +5,9 @@ per-residue mask (`resolved`) and a `split` column (train/val/test; without one,
 --val-fraction of the rows is held out), or a FASTA file with --labels TABLE (joined by `id`). FLIP CSVs
 load as they are. By default the encoder is frozen: embeddings are computed once (cached on disk, keyed by
 model and sequence) and a head is trained on them; --finetune trains the encoder too (--unfreeze-layers N:
-only its top N blocks). The run directory receives the predictor (predictor.json, head.safetensors,
-model/ when fine-tuned), metrics.json and PNG plots.
+only its top N blocks); --lora trains low-rank adapters on the frozen encoder's projections (peft; the
+lora extra). The run directory receives the predictor (predictor.json, head.safetensors, model/ when
+fine-tuned, adapters.safetensors with --lora), metrics.json and PNG plots.
 """
 
 from __future__ import annotations
@@ -37,15 +38,20 @@ from .common import (
 FIT_FLAGS: list[tuple[str, type, str]] = [
     ("hidden", int, "hidden size: MLP units (default 256) or CNN channels (default 32)"),
     ("dropout", float, "head dropout"),
-    ("lr", float, "learning rate (default: 1e-3 frozen, 1e-4 with --finetune; the head gets 10x)"),
+    ("lr", float, "learning rate (default: 1e-3 frozen, 1e-4 with --finetune, 3e-4 with --lora; the head gets 10x "
+     "when the encoder trains)"),
     ("weight_decay", float, "AdamW weight decay"),
     ("batch_size", int, "proteins per batch"),
     ("max_epochs", int, "epochs at most"),
     ("patience", int, "stop after N epochs without a better val score"),
     ("seed", int, "seed for the split, subsampling, initialisation and shuffling"),
     ("unfreeze_layers", int, "with --finetune: train only the top N encoder blocks (default: all)"),
-    ("warmup_steps", int, "with --finetune: warmup of the inverse-sqrt schedule (0 = constant lr)"),
-    ("max_steps", int, "with --finetune: optimizer steps at most"),
+    ("warmup_steps", int, "with --finetune/--lora: warmup of the inverse-sqrt schedule (0 = constant lr)"),
+    ("max_steps", int, "with --finetune/--lora: optimizer steps at most"),
+    ("lora_rank", int, "with --lora: rank of each adapter"),
+    ("lora_alpha", float, "with --lora: adapter scale alpha (the update is alpha/rank x B A)"),
+    ("lora_targets", str, "with --lora: projections adapted in every encoder block, from q,k,v (one fused "
+     "projection: all three or none; also 'qkv'), o, wi, wo (MLP)"),
 ]
 FIT_DEFAULTS = FitOptions()
 
@@ -82,6 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--head", default="mlp", choices=HEADS, help="linear, mlp (default) or cnn (per residue)")
     h.add_argument("--class-weights", action="store_true", help="balanced class weights against imbalance")
     h.add_argument("--finetune", action="store_true", help="train the encoder together with the head")
+    h.add_argument("--lora", action="store_true", help="train LoRA adapters on the frozen encoder with the head "
+                   "(needs peft: pip install 'prott5nv[lora]'); the run keeps the adapters and the head")  # fmt: skip
     for name, typ, help_ in FIT_FLAGS:
         h.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        help=with_default(help_, getattr(FIT_DEFAULTS, name)))  # fmt: skip
@@ -134,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fit = {name: getattr(args, name) for name, _, _ in FIT_FLAGS if getattr(args, name) is not None}
-    options = FitOptions(head=args.head, class_weights=args.class_weights, finetune=args.finetune,
+    options = FitOptions(head=args.head, class_weights=args.class_weights, finetune=args.finetune, lora=args.lora,
                          batch_tokens=args.batch_tokens, **fit)  # fmt: skip
     make, bars = progress_bars()
     try:

@@ -3,7 +3,7 @@
 Flags map 1:1 onto :class:`~prott5nv.train.config.TrainConfig` fields (`--max-steps` -> `max_steps`);
 `--config FILE` reads the same keys from YAML, flags override it, and the run directory records the
 result in `config.yaml`. Launch with `torchrun --nproc-per-node N -m prott5nv pretrain ...` for data
-parallelism.
+parallelism (DDP; with --fsdp the model is sharded over the ranks).
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model-override", action="append", default=[], metavar="KEY=VALUE",
         help="override a model config field, e.g. num_layers=4 (repeatable)",
     )  # fmt: skip
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard parameters, gradients and optimizer state over the torchrun ranks (PyTorch FSDP2 "
+                   "fully_shard) instead of replicating them (DDP): for models too large for one device")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (default: auto)")
     p.set_defaults(func=run)
 
@@ -91,6 +94,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
+    if args.fsdp:
+        settings["fsdp"] = True
     if args.model_override:
         model = dict(settings.get("model") or {})
         for item in args.model_override:

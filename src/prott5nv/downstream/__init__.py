@@ -1,5 +1,5 @@
-"""Downstream predictors on ProtT5nv features: task files, heads, frozen-feature training and
-fine-tuning, metrics, plots, saved predictors (`load_predictor(RUN_DIR).predict(seqs)`).
+"""Downstream predictors on ProtT5nv features: task files, heads, frozen-feature training, fine-tuning
+and LoRA (`lora.py`, peft), metrics, plots, saved predictors (`load_predictor(RUN_DIR).predict(seqs)`).
 
 Imports are lazy so that ``import prott5nv.downstream`` stays cheap.
 """
@@ -15,7 +15,7 @@ _EXPORTS = {
     "Head": "heads",
     "EmbeddingFeaturizer": "features", "OneHotFeaturizer": "features", "make_featurizer": "features",
     "OneHotWindowFeaturizer": "features", "DipeptideFeaturizer": "features", "save_untrained": "features",
-    "Predictor": "predictor", "load_predictor": "predictor",
+    "Predictor": "predictor", "load_predictor": "predictor", "merge_lora": "predictor",
     "finetune_task": "run", "predict_file": "run",
     "classification_metrics": "metrics", "regression_metrics": "metrics",
     "PretrainProbe": "probe",

@@ -39,12 +39,15 @@ class RunSummary:
     task: Any
     mode: str
     plots: list[str]
+    trainable: int = 0  # parameters trained
+
 
     def lines(self) -> list[str]:
         out = [summary_line(self.task, m, split) for split, m in self.metrics.items() if split != "train"]
         counts = ", ".join(f"{n} {s}" for s, n in self.counts.items() if n)
         plots = ", ".join(self.plots) if self.plots else "plots skipped (matplotlib not installed)"
-        out.append(f"{self.task.kind} ({self.mode}; {counts}), best epoch {self.best_epoch}; {plots} -> {self.run_dir}")
+        out.append(f"{self.task.kind} ({self.mode}, {self.trainable:,} trained parameters; {counts}), best epoch "
+                   f"{self.best_epoch}; {plots} -> {self.run_dir}")  # fmt: skip
         return out
 
 
@@ -101,35 +104,42 @@ def finetune_task(
         data = subsample(data, opts.seed, train=max_train, val=max_eval, test=max_eval)
     counts = data.counts()
     log.info("%s: %s task, target %s, %s", task_file, data.task.kind, data.task.target, counts)
-    if opts.finetune and features != "embeddings":
-        raise ConfigError("fine-tuning trains the encoder: use --features embeddings")
-    if opts.finetune and dtype not in (None, "float32"):
-        raise ConfigError("fine-tuning trains float32 weights: use --dtype float32")
+    if opts.trains_encoder and features != "embeddings":
+        raise ConfigError(f"{'LoRA' if opts.lora else 'fine-tuning'} trains through the encoder: use --features "
+                          "embeddings")  # fmt: skip
+    if opts.trains_encoder and dtype not in (None, "float32"):
+        raise ConfigError(f"{'LoRA' if opts.lora else 'fine-tuning'} trains float32 weights: use --dtype float32")
     loaded = None
-    if features == "embeddings" or opts.finetune:
+    if features == "embeddings" or opts.trains_encoder:
         loaded = model if isinstance(model, ProtT5nv) else load(model, device=device, dtype=dtype)
     length = None
     if loaded is not None:
         length = resolve(loaded, max_length, long_policy, chunk_size, chunk_overlap)
-        if opts.finetune and length.window is not None:
+        if opts.trains_encoder and length.window is not None:
             raise ConfigError("fine-tuning trains the encoder on whole proteins: use --truncate, not --chunk")
         length.check(data.ids, [len(s) for s in data.sequences], source=str(task_file))
     model_name = getattr(loaded, "name", "") if isinstance(model, ProtT5nv) else str(model)
     if model_name and Path(model_name).exists():
         model_name = str(Path(model_name).resolve())
     total = sum(map(len, data.sequences))
-    if opts.finetune:
+    if opts.trains_encoder:
+        lora = None
+        if opts.lora:
+            from .features import model_fingerprint
+
+            lora = {"model": model_name, "fingerprint": model_fingerprint(loaded), **opts.lora_spec()}
         result = fit_finetune(data, loaded, opts, length=length)
         tuned = ProtT5nv(result.encoder, loaded.tokenizer, device=loaded.device, dtype=loaded.dtype, name="model")
         predictor = Predictor(data.task, result.head, model=tuned, max_length=max_length, batch_tokens=batch_tokens,
-                              length=length)  # fmt: skip
+                              length=length, lora=lora)  # fmt: skip
     else:
         settings = {"batch_tokens": batch_tokens, "cache_dir": cache_dir, "model_name": model_name, "length": length}
         featurizer = make_featurizer(features, loaded, window=window, **(settings if loaded else {}))
         update = progress("features", total) if progress else None
         result = fit_frozen(data, featurizer, opts, progress=update)
         predictor = Predictor(data.task, result.head, featurizer=featurizer, max_length=featurizer.max_length)
-    extra = {"mode": "finetuned" if opts.finetune else "frozen", "base_model": model_name,
+    mode = "lora" if opts.lora else "finetuned" if opts.finetune else "frozen"
+    extra = {"mode": mode, "base_model": model_name, "trainable_parameters": result.trainable,
              "options": opts.to_dict(), "trained_on": str(task_file)}  # fmt: skip
     report = {"task": data.task.to_dict(), "counts": counts, "best_epoch": result.best_epoch,
               "metrics": result.metrics, "history": result.history, **extra}  # fmt: skip
@@ -140,7 +150,7 @@ def finetune_task(
                             split=shown, score_name="accuracy" if data.task.classification else "Spearman")  # fmt: skip
         report["plots"] = plots or "skipped: matplotlib not installed"
         (tmp / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    return RunSummary(str(out), result.metrics, counts, result.best_epoch, data.task, extra["mode"], plots)
+    return RunSummary(str(out), result.metrics, counts, result.best_epoch, data.task, mode, plots, result.trainable)
 
 
 def subsample(data: TaskData, seed: int, **limits: int | None) -> TaskData:

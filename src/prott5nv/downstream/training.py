@@ -10,7 +10,6 @@ Fine-tuning reuses the pretraining recipe's AdamW groups and inverse-sqrt schedu
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +37,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> metrics
     best_epoch: int = 0
-    encoder: nn.Module | None = None  # the fine-tuned T5Model
+    encoder: nn.Module | None = None  # the fine-tuned T5Model (with LoRA: the base encoder with adapters)
+    trainable: int = 0  # parameters trained (head, and encoder or adapters)
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -214,7 +214,7 @@ def _fit(
     score at a lower val loss); the best
     epoch's weights are restored. `on_step(step)` may set the learning rate before each step."""
     rng = np.random.default_rng(opts.seed)
-    best, best_epoch, best_state = (-math.inf, -math.inf), 0, copy.deepcopy(net.state_dict())
+    best, best_epoch, best_state = (-math.inf, -math.inf), 0, _trained_state(net)
     history: list[dict[str, float]] = []
     step = 0
     for epoch in range(1, opts.max_epochs + 1):
@@ -228,8 +228,8 @@ def _fit(
             loss = task_loss(task, head, out, y, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if opts.finetune:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            if opts.trains_encoder:
+                torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             total, count, step = total + float(loss.detach()), count + 1, step + 1
             if opts.max_steps is not None and step >= opts.max_steps:
@@ -243,14 +243,20 @@ def _fit(
         if on_epoch is not None:
             on_epoch(row)
         if (val_score, -val_loss) > best:  # a better score, or the same score at a lower loss
-            best, best_epoch, best_state = (val_score, -val_loss), epoch, copy.deepcopy(net.state_dict())
+            best, best_epoch, best_state = (val_score, -val_loss), epoch, _trained_state(net)
         elif epoch - best_epoch >= opts.patience:
             break
         if opts.max_steps is not None and step >= opts.max_steps:
             break
-    net.load_state_dict(best_state)
+    net.load_state_dict(best_state, strict=False)
     net.eval()
     return history, best_epoch
+
+
+def _trained_state(net: nn.Module) -> dict[str, Tensor]:
+    """A copy of the parameters training changes (frozen weights are not copied: with LoRA, only the
+    adapters and the head)."""
+    return {k: p.detach().clone() for k, p in net.named_parameters() if p.requires_grad}
 
 
 def _split_rows(data: TaskData) -> dict[str, list[int]]:
@@ -290,11 +296,22 @@ def fit_frozen(
     optimizer = torch.optim.AdamW(head.parameters(), lr=opts.learning_rate, weight_decay=opts.weight_decay)
     history, best = _fit(head, head, task, train, rows["val"], rows["val"].labels, opts, optimizer,
                          weight=weight, on_epoch=on_epoch)  # fmt: skip
-    return FitResult(head, history, _evaluate(head, head, data, rows, opts.batch_size), best)
+    trainable = sum(p.numel() for p in head.parameters())
+    return FitResult(head, history, _evaluate(head, head, data, rows, opts.batch_size), best, trainable=trainable)
 
 
 def _regression_targets(task: Task, labels: Sequence[Any]) -> Tensor:
     return torch.from_numpy(np.concatenate([np.asarray(v, np.float32).reshape(-1, task.out_dim) for v in labels]))
+
+
+def encoder_only(model: nn.Module) -> nn.Module:
+    """A copy of a T5Model without its decoder (what fine-tuning trains and a fine-tuned predictor keeps)."""
+    from ..model.t5 import T5Model
+
+    out = T5Model(model.config.replace(num_decoder_layers=0))
+    state = {k: v for k, v in model.state_dict().items() if k in out.state_dict()}
+    out.load_state_dict(state)
+    return out.eval()
 
 
 def set_trainable(encoder: nn.Module, unfreeze_layers: int | None) -> int:
@@ -324,8 +341,11 @@ def fit_finetune(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train a copy of the encoder of `model` (a :class:`~prott5nv.api.ProtT5nv`) with a head; the
-    result's `encoder` is the tuned copy. Long proteins follow `length` (default: cut to `max_length`, or
-    to the model's limit); the encoder is trained on whole proteins, so chunking is refused."""
+    result's `encoder` is the tuned copy (with `opts.lora`: the frozen encoder with trained LoRA
+    adapters, see :mod:`prott5nv.downstream.lora`). Long proteins follow `length` (default: cut to
+    `max_length`, or to the model's limit); the encoder is trained on whole proteins, so chunking is
+    refused."""
+    from ..model.fast import apply_speedups
     from ..train.optim import inverse_sqrt_lr, param_groups
 
     task = data.task
@@ -340,9 +360,18 @@ def fit_finetune(
                 hidden=opts.hidden_size(), dropout=opts.dropout).to(model.device)  # fmt: skip
     if not task.classification:  # features stay as the encoder's final LayerNorm gives them
         head.fit_normalization(None, _regression_targets(task, rows["train"].labels).to(model.device))
-    encoder = copy.deepcopy(model.model)  # the caller's model stays as it was
-    trainable = set_trainable(encoder, opts.unfreeze_layers)
-    log.info("fine-tuning %s encoder parameters and the head", f"{trainable:,}")
+    encoder = apply_speedups(encoder_only(model.model))  # a copy: the caller's model stays as it was
+    if opts.lora:
+        from .lora import add_adapters, trainable_parameters
+
+        add_adapters(encoder, opts.lora_spec())
+        trainable = trainable_parameters(encoder)
+        log.info("LoRA: %s adapter parameters (rank %d on %s) and the head; %s encoder weights frozen",
+                 f"{trainable:,}", opts.lora_rank, ", ".join(opts.lora_modules()),
+                 f"{sum(p.numel() for p in encoder.parameters()) - trainable:,}")  # fmt: skip
+    else:
+        trainable = set_trainable(encoder, opts.unfreeze_layers)
+        log.info("fine-tuning %s encoder parameters and the head", f"{trainable:,}")
     net = EncoderHead(encoder, head, model.tokenizer.num_special_suffix).to(model.device)
     lr = opts.learning_rate
     groups = [dict(g, lr_scale=1.0) for g in param_groups(encoder, opts.weight_decay)]
@@ -367,4 +396,5 @@ def fit_finetune(
     for p in net.parameters():
         p.requires_grad_(False)
     metrics = _evaluate(net, head, data, rows, opts.batch_size, autocast, ("val", "test"))  # no costly train pass
-    return FitResult(head, history, metrics, best, encoder=encoder)
+    trainable += sum(p.numel() for p in head.parameters())
+    return FitResult(head, history, metrics, best, encoder=encoder, trainable=trainable)

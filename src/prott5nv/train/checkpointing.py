@@ -2,7 +2,7 @@
 
 ``RUN_DIR/checkpoints/step_00000500/`` holds ``config.json``, ``model.safetensors``, ``tokenizer.json``
 (so ``--init-from`` and ``prott5nv.load`` take it as it is), ``trainer_state.pt`` (optimizer, grad scaler,
-torch RNG states; tensors only, loaded with ``weights_only=True``) and ``trainer_state.json`` (step,
+torch RNG states, each rank's; tensors only, loaded with ``weights_only=True``) and ``trainer_state.json`` (step,
 consumed samples, tokens, the training config). The last `keep_last` are kept.
 """
 
@@ -46,19 +46,23 @@ def save_checkpoint(
     step: int,
     model: T5Model,
     tokenizer: ProteinTokenizer,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scaler: torch.amp.GradScaler | None,
     state: dict[str, Any],
     keep_last: int,
+    rank_rng: list[torch.Tensor] | None = None,
 ) -> Path:
+    """Write a checkpoint (rank 0). `rank_rng`: every rank's CPU RNG state, so that each rank of a
+    resumed multi-process run continues its own dropout stream."""
     path = checkpoint_dir(run_dir, step)
     with atomic_directory(path) as tmp:
         write_native(model, tokenizer, tmp)
         tensors = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,  # optimizer.state_dict() (under FSDP: the gathered full state)
             "scaler": scaler.state_dict() if scaler is not None else {},
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rank_rng": rank_rng or [],
         }
         torch.save(tensors, tmp / "trainer_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")

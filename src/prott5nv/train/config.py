@@ -55,6 +55,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     device: str = "auto"
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the torchrun ranks (FSDP2)
     threads: int | None = None  # torch intra-op threads per process (None: PyTorch's default)
     probe_task: str | None = None  # downstream classification task file probed during training (rank 0)
     probe_every: int = 1000  # steps between probes
@@ -74,6 +75,8 @@ class TrainConfig:
                      "log_every", "val_samples", "probe_every"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.fsdp and self.precision == "float16":
+            raise ConfigError("--fsdp with float16: the gradient scaler's overflow checks are per rank; use bf16")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.lr <= 0:

@@ -1,5 +1,6 @@
 """The pretraining loop: T5 span corruption on a sequence store, AdamW + inverse-sqrt schedule, data
-parallel over torchrun ranks, atomic checkpoints with exact resume, validation, JSON-lines metrics.
+parallel over torchrun ranks (DDP, or FSDP2 with `fsdp`: :mod:`prott5nv.train.fsdp`), atomic checkpoints
+with exact resume, validation, JSON-lines metrics.
 
 Exactness: the loss of a step is the sum of target-token cross-entropies over the whole global batch
 divided by its token count (all-reduced before the backward passes), so one process with accumulation
@@ -41,6 +42,7 @@ from ..tokenizer import ProteinTokenizer
 from .checkpointing import list_checkpoints, load_checkpoint_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from .fsdp import gather_model, gather_optimizer_state, load_optimizer_state, set_gradient_sync, shard_model
 from .optim import build_optimizer, inverse_sqrt_lr, set_lr
 
 log = logging.getLogger(__name__)
@@ -227,6 +229,12 @@ class Pretrainer:
         else:
             model, self.tokenizer = initial_model(cfg)
         self.model = apply_speedups(model.to(self.device).train())  # packing, CPU dropout: same results
+        self.fsdp = cfg.fsdp
+        if self.fsdp:
+            if not self.info.enabled:
+                raise ConfigError("--fsdp shards the model over torchrun ranks: launch with torchrun "
+                                  "--nproc-per-node N (N >= 2)")  # fmt: skip
+            shard_model(self.model, self.device, self.info)
         self.masker = build_masker(
             cfg.objective, self.tokenizer, seq_length=cfg.seq_length, seq_length_dec=cfg.seq_length_dec,
             masked_lm_prob=cfg.masked_lm_prob, mean_span_length=cfg.mean_span_length,
@@ -234,16 +242,21 @@ class Pretrainer:
         )  # fmt: skip
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.info.enabled
+            if self.info.enabled and not self.fsdp
             else None
         )
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "float16" else None
         if tensors is not None:
-            self.optimizer.load_state_dict(tensors["optimizer"])
+            if self.fsdp:
+                load_optimizer_state(self.model, self.optimizer, tensors["optimizer"])
+            else:
+                self.optimizer.load_state_dict(tensors["optimizer"])
             if self.scaler is not None and tensors["scaler"]:
                 self.scaler.load_state_dict(tensors["scaler"])
-            torch.set_rng_state(tensors["torch_rng"])
+            ranks = tensors.get("rank_rng") or []
+            same_ranks = len(ranks) == self.info.world_size  # else (another world size): rank 0's state
+            torch.set_rng_state(ranks[self.info.rank] if same_ranks else tensors["torch_rng"])
             if torch.cuda.is_available() and tensors["cuda_rng"]:
                 torch.cuda.set_rng_state_all(tensors["cuda_rng"])
         else:
@@ -294,13 +307,17 @@ class Pretrainer:
         dataset = T5PretrainingDataset(store, self.tokenizer, self.masker)
         totals = torch.zeros(4, dtype=torch.float64)
         mbs = self.cfg.micro_batch_size
-        for a in range(0, len(mine), mbs):
-            batch = collate_t5([dataset[(0, i)] for i in mine[a : a + mbs]], self.tokenizer.pad_id)
+        rows = len(range(0, n, self.info.world_size)) if self.fsdp else len(mine)  # FSDP: as many forwards
+        for a in range(0, rows, mbs):  # as rank 0 on every rank (each forward gathers weights from all ranks)
+            rows_a = mine[a : a + mbs]
+            batch = collate_t5([dataset[(0, i)] for i in rows_a or [0]], self.tokenizer.pad_id)
             with self._autocast():
                 logits = self.model(
                     batch["text_enc"].to(self.device), batch["enc_mask"].to(self.device),
                     batch["text_dec"].to(self.device),
                 )  # fmt: skip
+            if not rows_a:  # this rank had no rows left: the forward only kept the others company
+                continue
             labels = batch["labels"].to(self.device)
             mask = batch["loss_mask"].to(self.device).bool()
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
@@ -341,14 +358,40 @@ class Pretrainer:
         except ImportError:
             self._tb = None
 
+    def _plain_model(self) -> T5Model | None:
+        """The model with its full weights, for saving and probing: itself, or under FSDP a copy gathered
+        on rank 0 (None on the other ranks; every rank must call it)."""
+        if not self.fsdp:
+            return self.model
+        return gather_model(self.model, self.info)
+
     def _save(self) -> None:
+        model = self._plain_model()
+        rank_rng = None
+        if self.info.enabled:  # every rank's dropout stream, so that each continues its own on resume
+            rank_rng = [torch.empty(0)] * self.info.world_size
+            torch.distributed.all_gather_object(rank_rng, torch.get_rng_state())
+        if self.fsdp:
+            optimizer_state = gather_optimizer_state(self.model, self.optimizer, self.info)
+        else:
+            optimizer_state = self.optimizer.state_dict()
         if self.info.is_main:
+            assert model is not None
             state = {"consumed_samples": self.consumed, "tokens": self.tokens, "config": self.cfg.to_dict(),
-                     "global_batch_size": self.global_batch_size, "world_size": self.info.world_size}  # fmt: skip
-            save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scaler,
-                            state, self.cfg.keep_last)  # fmt: skip
+                     "global_batch_size": self.global_batch_size, "world_size": self.info.world_size,
+                     "fsdp": self.fsdp}  # fmt: skip
+            save_checkpoint(self.run_dir, self.step, model, self.tokenizer, optimizer_state, self.scaler, state,
+                            self.cfg.keep_last, rank_rng)  # fmt: skip
         if self.info.enabled:
             torch.distributed.barrier()
+
+    def _run_probe(self) -> None:
+        """Log the downstream probe's metrics (rank 0; under FSDP every rank helps gather the weights)."""
+        if not self.cfg.probe_task:
+            return
+        model = self._plain_model()
+        if self.probe is not None and model is not None:
+            self._log({"step": self.step, **self.probe(model, self.tokenizer)})
 
     def _out_of_time(self, start: float) -> bool:
         """Whether this invocation has trained for `max_minutes` (on any rank: all ranks stop together)."""
@@ -370,8 +413,8 @@ class Pretrainer:
         last_log = (time.perf_counter(), self.tokens)
         flops = 0.0  # model FLOPs since the last metrics row (6 x weights x tokens per stack)
         enc_weights, dec_weights = _matmul_weights(self.model)
-        if self.probe is not None and self.step == 0:  # the untrained network: the curve's first point
-            self._log({"step": 0, **self.probe(self.model, self.tokenizer)})
+        if self.step == 0:  # the untrained network: the curve's first point
+            self._run_probe()
         try:
             while self.step < cfg.max_steps:
                 set_lr(self.optimizer, inverse_sqrt_lr(self.step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr))
@@ -388,6 +431,8 @@ class Pretrainer:
                 ce_total = torch.zeros(2, dtype=torch.float64)
                 for i, batch in enumerate(micro):
                     sync = self.ddp is None or i == len(micro) - 1
+                    if self.fsdp:
+                        set_gradient_sync(self.model, i == len(micro) - 1)
                     with contextlib.nullcontext() if sync else self.ddp.no_sync(), self._autocast():
                         ce_sum, enc_sum = _batch_loss(net, batch, self.device, use_enc)
                     scaled = ce_sum * (self.info.world_size / n_targets)
@@ -431,8 +476,8 @@ class Pretrainer:
                     val = self.validate()
                     if val is not None:
                         self._log({"step": self.step, **val})
-                if self.probe is not None and self.step % cfg.probe_every == 0:
-                    self._log({"step": self.step, **self.probe(self.model, self.tokenizer)})
+                if self.step % cfg.probe_every == 0:
+                    self._run_probe()
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                     self._save()
                 if on_step is not None:
@@ -443,10 +488,12 @@ class Pretrainer:
                         self._save()
                     break
             model_dir = self.run_dir / "model"
+            final = self._plain_model()
             if self.info.is_main:
+                assert final is not None
                 extra = {"trained_steps": self.step, "tokens": self.tokens, "data": cfg.data,
                          "objective": cfg.objective}
-                save_pretrained(self.model, self.tokenizer, model_dir, extra=extra)
+                save_pretrained(final, self.tokenizer, model_dir, extra=extra)
         finally:
             if self._tb is not None:
                 self._tb.close()
