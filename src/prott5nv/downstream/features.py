@@ -13,7 +13,6 @@ concurrent runs and interrupted runs never leave a broken cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import uuid
@@ -157,17 +156,8 @@ class DipeptideFeaturizer:
 
 
 def model_fingerprint(model: Any) -> str:
-    """A hash of everything that determines a model's embeddings: weights, tokenizer, compute dtype."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(model.tokenizer.to_dict(), sort_keys=True).encode())
-    h.update(str(model.dtype).encode())
-    for name, t in sorted(model.model.state_dict().items()):
-        if name.startswith("decoder.") or name == "lm_head_bias":
-            continue  # embeddings use the encoder only
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update((t.float() if t.is_floating_point() else t).numpy().tobytes())
-    return h.hexdigest()
+    """A hash of everything that determines a model's embeddings (:meth:`ProtT5nv.fingerprint`)."""
+    return model.fingerprint()
 
 
 class EmbeddingCache:

@@ -45,9 +45,11 @@ def format_from_path(path: str | os.PathLike) -> str:
 class Writer:
     """Base class: temporary-then-rename lifecycle and the count of proteins written."""
 
-    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict[str, Any] | None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict[str, Any] | None, dim: int | None = None
+    ) -> None:
         self.path = Path(path)
-        self.kinds, self.attrs = kinds, dict(attrs or {})
+        self.kinds, self.attrs, self.dim = kinds, dict(attrs or {}), dim
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
         self._remove(self.tmp_path)
@@ -94,12 +96,14 @@ class Writer:
 
 
 class H5Writer(Writer):
-    """bio_embeddings layout: one dataset per protein named by its id (attribute `original_id`), at the
-    root when there is one output kind, else under one group per kind (`/mean/ID`, `/per_residue/ID`).
+    """bio_embeddings layout: one dataset per protein named by its id (attributes `original_id` and
+    `record`, its position in the input), at the root when there is one output kind, else under one group
+    per kind (`/mean/ID`, `/per_residue/ID`).
     File attributes record how the file was made."""
 
-    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
-        super().__init__(path, kinds, attrs)
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None,
+                 dim: int | None = None) -> None:  # fmt: skip
+        super().__init__(path, kinds, attrs, dim)
         if self.path.is_dir():
             raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
         self._file = h5py.File(self.tmp_path, "w")
@@ -111,6 +115,7 @@ class H5Writer(Writer):
         for kind in self.kinds:
             ds = self._groups[kind].create_dataset(h5_key(record_id), data=outputs[kind])
             ds.attrs["original_id"] = record_id
+            ds.attrs["record"] = record
         self.written += 1
 
     def _close(self) -> None:
@@ -121,8 +126,9 @@ class NpyWriter(Writer):
     """A directory: `ID.npy` per protein (`ID.KIND.npy` when several kinds) and `index.tsv` listing
     record number, id, length and the file of each kind, in the order written."""
 
-    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
-        super().__init__(path, kinds, attrs)
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None,
+                 dim: int | None = None) -> None:  # fmt: skip
+        super().__init__(path, kinds, attrs, dim)
         self.tmp_path.mkdir()
         self._index = open(self.tmp_path / NPY_INDEX, "w")
         self._index.write("\t".join(["record", "id", "length", *kinds]) + "\n")
@@ -147,13 +153,14 @@ class ParquetWriter(Writer):
 
     ROW_GROUP_FLOATS = 16 << 20
 
-    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None,
+                 dim: int | None = None) -> None:  # fmt: skip
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise ConfigError("Parquet output needs pyarrow: pip install 'prott5nv[parquet]'") from None
-        super().__init__(path, kinds, attrs)
+        super().__init__(path, kinds, attrs, dim)
         if self.path.is_dir():
             raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
         self._pa, self._pq = pa, pq
@@ -202,6 +209,8 @@ class ParquetWriter(Writer):
 
     def _close(self) -> None:
         self._flush()
+        if self._writer is None and self.dim is not None:  # no protein (an empty shard): the schema only
+            self._writer = self._pq.ParquetWriter(self.tmp_path, self._schema(self.dim))
         if self._writer is not None:
             self._writer.close()
 
@@ -222,8 +231,11 @@ def check_output(fmt: str, path: str | os.PathLike, inputs: tuple[str | os.PathL
 WRITERS: dict[str, type[Writer]] = {"h5": H5Writer, "npy": NpyWriter, "parquet": ParquetWriter}
 
 
-def open_writer(fmt: str, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict | None = None) -> Writer:
-    """A writer of format `fmt` ("h5", "npy" or "parquet") for outputs `kinds`."""
+def open_writer(
+    fmt: str, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict | None = None, dim: int | None = None
+) -> Writer:
+    """A writer of format `fmt` ("h5", "npy" or "parquet") for outputs `kinds` (the names of the arrays
+    each protein has); `dim`, the embedding width, lets an output without proteins have its schema."""
     if fmt not in WRITERS:
         raise ConfigError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return WRITERS[fmt](path, kinds, attrs)
+    return WRITERS[fmt](path, kinds, attrs, dim)
