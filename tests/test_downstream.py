@@ -228,7 +228,8 @@ def test_frozen_embeddings_are_cached_and_predictor_checks_its_model(tiny_model,
     assert first.counts == {"train": 120, "val": 40, "test": 40}
     calls = []
     original = ProtT5nv.tokens_to_hiddens
-    monkeypatch.setattr(ProtT5nv, "tokens_to_hiddens", lambda self, t: calls.append(len(t)) or original(self, t))
+    monkeypatch.setattr(ProtT5nv, "tokens_to_hiddens",
+                        lambda self, t, *a: calls.append(len(t)) or original(self, t, *a))  # fmt: skip
     second = finetune_task(LOCALIZATION, tmp_path / "b", model=tiny_model, options=options, cache_dir=cache,
                            max_train=120, max_eval=40)  # fmt: skip
     assert calls == [] and second.metrics == first.metrics  # every embedding came from the cache

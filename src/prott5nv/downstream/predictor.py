@@ -39,12 +39,13 @@ class Predictor:
 
     def __init__(self, task: Task, head: Head, *, featurizer: Any = None, model: Any = None,
                  max_length: int | None = None, batch_size: int = 64, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 length: LengthPolicy | None = None) -> None:  # fmt: skip
-        """`length`: the fine-tuned model's length policy (default: cut to `max_length`, else its limit)."""
+                 length: LengthPolicy | None = None, layer: int | None = None) -> None:  # fmt: skip
+        """`length`: the fine-tuned model's length policy (default: cut to `max_length`, else its limit);
+        `layer`: the fine-tuned encoder's layer the head reads (an index; None: its output)."""
         if (featurizer is None) == (model is None):
             raise ConfigError("a predictor needs either a featurizer (frozen) or a model (fine-tuned)")
         self.task, self.head = task, head.eval()
-        self.featurizer, self.model = featurizer, model
+        self.featurizer, self.model, self.layer = featurizer, model, layer
         self.max_length, self.batch_size, self.batch_tokens = max_length, batch_size, batch_tokens
         self.length = length if featurizer is None else getattr(featurizer, "length", None)
         if model is not None and length is None:
@@ -65,7 +66,7 @@ class Predictor:
             from .training import EncoderHead
 
             rows: Any = TokenRows(self.task, self.model, seqs, None, self.length, self.batch_tokens)
-            net: Any = EncoderHead(self.model.model, self.head, self.model.tokenizer.num_special_suffix)
+            net: Any = EncoderHead(self.model.model, self.head, self.model.tokenizer.num_special_suffix, self.layer)
             preds, probs, _ = run_net(net, self.head, self.task, rows, self.batch_size)
             if progress:
                 progress(sum(map(len, seqs)))
@@ -100,7 +101,8 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------- saving
     def describe(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        features = {"type": "finetuned", "model": "model"} if self.finetuned else self.featurizer.describe()
+        layer = {} if self.layer is None else {"layer": self.layer}
+        features = {"type": "finetuned", "model": "model", **layer} if self.finetuned else self.featurizer.describe()
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task.to_dict(),
                 "features": features, "head": self.head.config(), "max_length": self.max_length,
                 **(extra or {})}  # fmt: skip
@@ -177,7 +179,7 @@ def load_predictor(
         if length.window is not None:
             raise ConfigError("a fine-tuned predictor reads whole proteins: use --truncate, not --chunk")
         return Predictor(task, head.to(tuned.device), model=tuned, max_length=max_length, batch_tokens=batch_tokens,
-                         length=length)  # fmt: skip
+                         length=length, layer=features.get("layer"))  # fmt: skip
     if features["type"] == "embeddings":
         if model is None:
             if not features.get("model"):
@@ -185,7 +187,7 @@ def load_predictor(
             model = load(features["model"], device=device, dtype=dtype or features.get("dtype"))
         length = resolve(model, max_length, long_policy, size, overlap)
         featurizer = EmbeddingFeaturizer(model, cache_dir=cache_dir, batch_tokens=batch_tokens, length=length,
-                                         model_name=features.get("model", ""))  # fmt: skip
+                                         model_name=features.get("model", ""), layer=features.get("layer"))  # fmt: skip
         if featurizer.fingerprint != features.get("fingerprint"):
             raise CheckpointError(
                 f"{run}: the base model {features.get('model') or getattr(model, 'name', '')!r} is not the one this "

@@ -53,8 +53,9 @@ from ..fasta import read_fasta
 from ..sequence import DEFAULT_POLICY, SequencePolicy
 from .chunking import stitch
 from .length import DEFAULT_CHUNK_OVERLAP, LISTED, LengthPolicy, resolve
+from .shards import in_shard
 from .store import PartialRun
-from .writers import FORMATS, KINDS, POOLINGS, check_output, format_from_path, h5_key, open_writer
+from .writers import FORMATS, KINDS, POOLINGS, check_output, format_from_path, h5_key, open_writer, output_names
 
 log = logging.getLogger(__name__)
 
@@ -100,32 +101,6 @@ class EmbedOptions:
     def mine(self, record: int) -> bool:
         """Whether this process embeds `record`: in the shard, and this rank's."""
         return in_shard(record, self.window, self.shard) and record % self.world_size == self.rank
-
-
-def in_shard(record: int, window: int, shard: tuple[int, int] | None) -> bool:
-    """Whether input record `record` (0-based) is in shard ``(K, N)``: record i is in shard
-    ``(i // window) % N + 1`` (every record when `shard` is None)."""
-    return shard is None or (record // window) % shard[1] == shard[0] - 1
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"K/N"`` (1 <= K <= N) as ``(K, N)``."""
-    k, sep, n = text.partition("/")
-    try:
-        shard = (int(k), int(n)) if sep else None
-    except ValueError:
-        shard = None
-    if shard is None or not 1 <= shard[0] <= shard[1]:
-        raise ConfigError(f"--shard {text!r}: expected K/N with 1 <= K <= N (e.g. 1/4 .. 4/4)")
-    return shard
-
-
-def output_names(kinds: tuple[str, ...], layers: tuple[int, ...]) -> tuple[str, ...]:
-    """What the outputs are called, in storage order: the kinds for one layer; ``layer{k}_{kind}`` for
-    each layer (in the order given) and kind with several."""
-    if len(layers) == 1:
-        return kinds
-    return tuple(f"layer{k}_{kind}" for k in layers for kind in kinds)
 
 
 @dataclass
@@ -490,6 +465,5 @@ def _merge(
 
 
 __all__ = [
-    "KINDS", "EmbedOptions", "EmbedSummary", "embed_fasta", "in_shard", "output_names", "parse_shard", "pool",
-    "scan_fasta", "split_outputs",
+    "KINDS", "EmbedOptions", "EmbedSummary", "embed_fasta", "output_names", "pool", "scan_fasta", "split_outputs",
 ]  # fmt: skip
