@@ -33,6 +33,11 @@ def h5_key(record_id: str) -> str:
     return record_id.replace("/", "_")
 
 
+def per_residue(name: str) -> bool:
+    """Whether output `name` (a kind, or ``layer{k}_{kind}``) holds ``(L, D)`` per-residue arrays."""
+    return name == "per_residue" or name.endswith("_per_residue")
+
+
 def format_from_path(path: str | os.PathLike) -> str:
     """Output format implied by the name: `.parquet`/`.pq` -> parquet, `.h5`/`.hdf5` -> h5, else npy
     (a directory)."""
@@ -174,7 +179,7 @@ class ParquetWriter(Writer):
         pa = self._pa
         vec = pa.list_(pa.float32(), dim)
         fields = [pa.field("record", pa.int64()), pa.field("id", pa.string()), pa.field("length", pa.int32())]
-        fields += [pa.field(k, pa.list_(vec) if k == "per_residue" else vec) for k in self.kinds]
+        fields += [pa.field(k, pa.list_(vec) if per_residue(k) else vec) for k in self.kinds]
         meta = {str(k): str(v) for k, v in self.attrs.items()}
         return pa.schema(fields, metadata=meta)
 
@@ -202,7 +207,7 @@ class ParquetWriter(Writer):
             arrays = [r[3][kind] for r in self._rows]
             flat = pa.array(np.concatenate([a.reshape(-1) for a in arrays]), pa.float32())
             vectors = pa.FixedSizeListArray.from_arrays(flat, dim)
-            if kind == "per_residue":
+            if per_residue(kind):
                 offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
                 vectors = pa.ListArray.from_arrays(pa.array(offsets), vectors)
             cols[kind] = vectors
@@ -301,7 +306,7 @@ class StoredOutput:
             columns: dict[str, list[np.ndarray]] = {}
             for kind in self.kinds:
                 col = batch.column(kind)
-                if kind.endswith("per_residue"):  # a list of fixed-size lists per row
+                if per_residue(kind):  # a list of fixed-size lists per row
                     offsets = col.offsets.to_numpy()
                     offsets = offsets - offsets[0]
                     rows = col.flatten()
