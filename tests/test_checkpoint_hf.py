@@ -106,6 +106,21 @@ def test_import_parity(tmp_path, batch, shape, cls):
     assert_parity(model, hf, batch)
 
 
+def test_encoder_layers_are_transformers_hidden_states(tmp_path, batch):
+    """Layer k (fair-esm's numbering) is transformers' ``hidden_states[k]``: 0 the embedding output, k block
+    k's output, the last one after the final norm; -1 is that last one."""
+    hf = hf_model(T5EncoderModel, num_layers=3)
+    hf.save_pretrained(tmp_path)
+    model, _ = load_hf(tmp_path)
+    ids, mask, _ = batch
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        got = model.eval().encode_layers(ids, mask, model.config.encoder_layers([0, 1, 2, -1]))
+    assert len(want) == len(got) == 4
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a * mask[..., None], b * mask[..., None], rtol=0, atol=ATOL)
+
+
 def test_load_checkpoint_dispatches_to_hf(tmp_path, batch):
     hf = hf_model(T5ForConditionalGeneration)
     hf.save_pretrained(tmp_path)

@@ -228,7 +228,8 @@ def test_frozen_embeddings_are_cached_and_predictor_checks_its_model(tiny_model,
     assert first.counts == {"train": 120, "val": 40, "test": 40}
     calls = []
     original = ProtT5nv.tokens_to_hiddens
-    monkeypatch.setattr(ProtT5nv, "tokens_to_hiddens", lambda self, t: calls.append(len(t)) or original(self, t))
+    monkeypatch.setattr(ProtT5nv, "tokens_to_hiddens",
+                        lambda self, t, *a: calls.append(len(t)) or original(self, t, *a))  # fmt: skip
     second = finetune_task(LOCALIZATION, tmp_path / "b", model=tiny_model, options=options, cache_dir=cache,
                            max_train=120, max_eval=40)  # fmt: skip
     assert calls == [] and second.metrics == first.metrics  # every embedding came from the cache
@@ -285,6 +286,37 @@ def test_finetuning_updates_only_top_layers_and_saves_the_encoder(tiny_model, tm
     assert changed == {"1", "encoder.final_layer_norm.weight", "encoder.final_layer_norm.bias"}
     seqs = load_task(LOCALIZATION).sequences[:4]
     assert predictor.predict(seqs) == load_predictor(tmp_path / "ft", long_policy="truncate").predict(seqs)
+
+
+def test_the_head_reads_the_layer_asked_for_frozen_or_finetuned(tiny_model, tiny_checkpoint, tmp_path, capsys):
+    """--layer K: frozen features are layer K's (cached under their own key, recorded in the predictor);
+    fine-tuning trains the blocks below layer K only. The tiny model has 2 blocks: -2 is layer 1."""
+    run = tmp_path / "frozen"
+    assert main(["finetune", str(LOCALIZATION), "--model", str(tiny_checkpoint), "--layer", "-2", "--head", "linear",
+                 "--max-epochs", "2", "--max-train", "40", "--max-eval", "20", "--cache-dir", str(tmp_path / "cache"),
+                 "-o", str(run), "--threads", "1"]) == 0  # fmt: skip
+    features = json.loads((run / "predictor.json").read_text())["features"]
+    assert features["layer"] == 1 and features["fingerprint"].endswith("-layer1")
+    assert [p.name.endswith("-layer1") for p in (tmp_path / "cache").iterdir()] == [True]
+    predictor = load_predictor(run, model=tiny_model)
+    seqs = load_task(LOCALIZATION).sequences[:5]
+    np.testing.assert_allclose(predictor.featurizer.per_protein(seqs),
+                               tiny_model.seqs_to_embedding(seqs, layers=1).numpy(), atol=1e-6)  # fmt: skip
+    assert main(["finetune", str(LOCALIZATION), "--features", "composition", "--layer", "1", "-o",
+                 str(tmp_path / "c")]) == 2  # fmt: skip
+    assert "--layer picks an encoder layer; composition features use no encoder" in capsys.readouterr().err
+    before = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    options = FitOptions(head="linear", finetune=True, unfreeze_layers=1, max_epochs=1, max_steps=3, lr=1e-3,
+                         batch_size=16)  # fmt: skip
+    finetune_task(LOCALIZATION, tmp_path / "ft", model=tiny_model, options=options, max_train=48, max_eval=16,
+                  max_length=128, long_policy="truncate", layer=1)  # fmt: skip
+    assert json.loads((tmp_path / "ft" / "predictor.json").read_text())["features"]["layer"] == 1
+    tuned = load_predictor(tmp_path / "ft", long_policy="truncate")
+    assert tuned.layer == 1
+    state = tuned.model.model.state_dict()
+    changed = {k.split(".")[2] if k.startswith("encoder.blocks.") else k
+               for k in state if not torch.equal(state[k], before[k])}  # fmt: skip
+    assert changed == {"0"}  # block 1 (index 0) is the top block below layer 1; block 2 and the norm take no part
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -179,6 +179,33 @@ def test_per_residue_and_both_encodings(servers, proteins, local):
         np.testing.assert_allclose(g, hiddens[j, : len(g)].numpy(), atol=ATOL, rtol=RTOL)
 
 
+def test_layers_in_the_request_and_the_remote_encoder(servers, proteins, local):
+    server, _ = servers
+    url = server.url + "/v1/embeddings"
+    pairs = proteins[:4]
+    want, mask = local.seqs_to_hiddens([s for _, s in pairs], layers=[-1, 2])
+    pooled = local.hiddens_to_embedding(want, mask)
+    r = post(url, {"sequences": items(pairs), "per_residue": True, "layers": [-1, 2], "encoding": "base64"})
+    assert r.status_code == 200, r.text
+    for j, d in enumerate(r.json()["data"]):
+        n = len(pairs[j][1])
+        emb, per_res = decode_array(d["embedding"]), decode_array(d["per_residue"])
+        assert emb.shape == (2, local.embedding_dim) and per_res.shape == (2, n, local.embedding_dim)
+        np.testing.assert_allclose(emb, pooled[:, j].numpy(), atol=ATOL, rtol=RTOL)
+        np.testing.assert_allclose(per_res, want[:, j, :n].numpy(), atol=ATOL, rtol=RTOL)
+    for layers, message in (([7], "layer 7 is not a layer of this 6-layer encoder"), ([-1, 6], "given twice")):
+        r = post(url, {"sequences": items(pairs), "layers": layers})
+        assert r.status_code == 422 and message in r.json()["detail"]
+    remote = RemoteEncoder(Client(server.url))
+    seqs = [s for _, s in proteins[4:9]]
+    got, got_mask = remote.seqs_to_hiddens(seqs, layers=[0, -1])
+    expected, expected_mask = local.seqs_to_hiddens(seqs, layers=[0, -1])
+    assert got.shape == expected.shape and torch.equal(got_mask, expected_mask)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    one, _ = remote.seqs_to_hiddens(seqs, layers=3)
+    torch.testing.assert_close(one, local.seqs_to_hiddens(seqs, layers=3)[0], atol=ATOL, rtol=RTOL)
+
+
 def test_score_generate_infill_match_local(servers, proteins, local):
     server, _ = servers
     client = Client(server.url)
@@ -230,6 +257,25 @@ def test_batcher_merges_waiting_requests(local, proteins):
         expected = local.seqs_to_embedding([s for _, s in g]).numpy()
         np.testing.assert_allclose(np.stack([r.embedding for r in res]), expected, atol=ATOL, rtol=RTOL)
     assert batcher.pending == 0 and batcher.requests == 4
+
+
+def test_batcher_merges_only_jobs_of_the_same_layers(local, proteins):
+    batcher = DynamicBatcher(local, batch_tokens=3000, max_wait_ms=1)
+    seqs = [s for _, s in proteins[:6]]
+    tokens = [local.tokenizer.encode(s) for s in seqs]
+    asked = [None, (2,), None, (0, 6)]
+    groups = [tokens[:2], tokens[2:4], tokens[4:6], tokens[:3]]
+    futures = [batcher.submit_embed(t, layers) for t, layers in zip(groups, asked, strict=True)]
+    batcher.start()
+    try:
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.stop()
+    assert batcher.batches == 3  # the two default jobs share one batch, each layer set has its own
+    for res, layers, group in zip(results, asked, (seqs[:2], seqs[2:4], seqs[4:6], seqs[:3]), strict=True):
+        expected = local.seqs_to_embedding(group, layers=None if layers is None else list(layers)).numpy()
+        got = np.stack([r.embedding for r in res], axis=-2)  # (B, D) or (layers, B, D)
+        np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL)
 
 
 # ----------------------------------------------------------------------------- bad input

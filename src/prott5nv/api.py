@@ -13,6 +13,8 @@ Returned positions are residues only: ProtT5nv's encoder input has no special to
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -118,42 +120,82 @@ class ProtT5nv:
         return torch.from_numpy(batch).to(self.device), torch.from_numpy(mask).to(self.device)
 
     # --------------------------------------------------------------------------------- inference
-    def tokens_to_hiddens(self, token_ids: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+    def tokens_to_hiddens(
+        self, token_ids: Sequence[np.ndarray], layers: int | Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Encoder states of tokenized sequences, special tokens removed: ``(hiddens, residue_mask)``,
-        hiddens in float32 ``[B, L_max, D]``, mask bool ``[B, L_max]``."""
+        hiddens in float32 ``[B, L_max, D]``, mask bool ``[B, L_max]``. `layers` as in
+        :meth:`seqs_to_hiddens`."""
         input_ids, attn = self.collate(token_ids)
-        with self._precision():  # no mask when nothing is padded: the same result, a faster attention
-            hiddens = self.model.encode(input_ids, None if bool(attn.all()) else attn)
+        picked = None if layers is None else self.config.encoder_layers(layers)
+        key_mask = None if bool(attn.all()) else attn  # no mask when nothing is padded: the same, faster
+        with self._precision():
+            if picked is None or picked == (self.config.num_layers,):  # the last layer: encode, as always
+                hiddens = self.model.encode(input_ids, key_mask)
+                hiddens = hiddens if picked is None or isinstance(layers, int) else hiddens[None]
+            else:
+                states = self.model.encode_layers(input_ids, key_mask, picked)
+                hiddens = states[0] if isinstance(layers, int) else torch.stack(states)
         hiddens = hiddens.float()
         mask = attn.bool()
         suffix = self.tokenizer.num_special_suffix
         if suffix:
             lengths = attn.sum(1) - suffix
             mask = torch.arange(attn.shape[1], device=attn.device)[None] < lengths[:, None]
-            hiddens = hiddens[:, : attn.shape[1] - suffix]
+            hiddens = hiddens[..., : attn.shape[1] - suffix, :]
             mask = mask[:, : attn.shape[1] - suffix]
         return hiddens.masked_fill(~mask[..., None], 0.0), mask
 
     def seqs_to_hiddens(
-        self, seqs: Sequence[str], ids: Sequence[str] | None = None, policy: SequencePolicy = DEFAULT_POLICY
+        self,
+        seqs: Sequence[str],
+        ids: Sequence[str] | None = None,
+        policy: SequencePolicy = DEFAULT_POLICY,
+        layers: int | Sequence[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Per-residue encoder states ``[B, L_max, D]`` (float32) and the residue mask ``[B, L_max]``."""
+        """Per-residue encoder states ``[B, L_max, D]`` (float32) and the residue mask ``[B, L_max]``.
+
+        `layers` (fair-esm's ``repr_layers`` convention): None or -1 is the encoder's output after its
+        final norm (the default); 0 is the embedding output, k the output of block k, negative numbers
+        count from the end. One number gives ``[B, L_max, D]`` of that layer; a list gives the layers
+        stacked in the order given, ``[len(layers), B, L_max, D]``. Blocks above the highest layer asked
+        for are not run."""
         if len(seqs) == 0:
             raise ConfigError("seqs_to_hiddens needs at least one sequence")
-        return self.tokens_to_hiddens(self.encode(seqs, ids, policy))
+        return self.tokens_to_hiddens(self.encode(seqs, ids, policy), layers)
 
     @staticmethod
     def hiddens_to_embedding(hiddens: Tensor, mask: Tensor) -> Tensor:
-        """Per-protein embedding: the mean over real residues (padding excluded)."""
+        """Per-protein embedding: the mean over real residues (padding excluded); ``[B, D]``, or
+        ``[layers, B, D]`` from stacked layers ``[layers, B, L, D]``."""
         mask = mask.to(hiddens.dtype)[..., None]
-        lengths = mask.sum(1).clamp(min=1.0)
-        return (hiddens * mask).sum(1) / lengths
+        lengths = mask.sum(-2).clamp(min=1.0)
+        return (hiddens * mask).sum(-2) / lengths
 
     def seqs_to_embedding(
-        self, seqs: Sequence[str], ids: Sequence[str] | None = None, policy: SequencePolicy = DEFAULT_POLICY
+        self,
+        seqs: Sequence[str],
+        ids: Sequence[str] | None = None,
+        policy: SequencePolicy = DEFAULT_POLICY,
+        layers: int | Sequence[int] | None = None,
     ) -> Tensor:
-        """Per-protein embeddings ``[B, D]`` (float32)."""
-        return self.hiddens_to_embedding(*self.seqs_to_hiddens(seqs, ids, policy))
+        """Per-protein embeddings ``[B, D]`` (float32); ``[len(layers), B, D]`` for a list of `layers`
+        (see :meth:`seqs_to_hiddens`)."""
+        return self.hiddens_to_embedding(*self.seqs_to_hiddens(seqs, ids, policy, layers))
+
+    def fingerprint(self) -> str:
+        """A hash of everything that determines this model's embeddings: the encoder's weights, the
+        tokenizer and the compute dtype (computed on each call: the weights may have changed)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(self.tokenizer.to_dict(), sort_keys=True).encode())
+        h.update(str(self.dtype).encode())
+        for name, t in sorted(self.model.state_dict().items()):
+            if name.startswith("decoder.") or name == "lm_head_bias":
+                continue  # embeddings use the encoder only
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update((t.float() if t.is_floating_point() else t).numpy().tobytes())
+        return h.hexdigest()
 
     # --------------------------------------------------------------------------------- decoding
     # Generation, infilling and decoding from hidden states; the work is done in model/generate.py and

@@ -108,18 +108,21 @@ class Client:
 
     def embed(
         self, seqs: Sequence[str], ids: Sequence[str] | None = None, *, per_residue: bool = False,
-        batch_size: int | None = None, **options: Any,
+        batch_size: int | None = None, layers: Sequence[int] | None = None, **options: Any,
     ) -> list[np.ndarray]:  # fmt: skip
         """Per-protein embeddings `(D,)` (or per-residue `(L, D)`), float32, in input order; at most
-        `batch_size` sequences per request. `options`: ``strip_gaps``, ``unknown_to_x``."""
+        `batch_size` sequences per request. With `layers` (fair-esm's numbering, -1 = the last), those
+        encoder layers: `(layers, D)` (or `(layers, L, D)`). `options`: ``strip_gaps``, ``unknown_to_x``."""
         out: list[np.ndarray] = []
         key = "per_residue" if per_residue else "embedding"
         residues = None
         if per_residue:  # keep each response within the server's per-residue output limit
             info = self.model_info()
-            residues = max(1, info["limits"]["max_output_values"] // info["embedding_dim"])
+            values = info["embedding_dim"] * (len(layers) if layers is not None else 1)
+            residues = max(1, info["limits"]["max_output_values"] // values)
+        extra = {} if layers is None else {"layers": list(layers)}
         for items in self._chunks(seqs, ids, batch_size, residues):
-            body = {"sequences": items, "per_residue": per_residue, "encoding": "base64", **options}
+            body = {"sequences": items, "per_residue": per_residue, "encoding": "base64", **extra, **options}
             out += [decode_array(d[key]) for d in self.request("POST", "/v1/embeddings", body)["data"]]
         return out
 
@@ -203,19 +206,25 @@ class RemoteEncoder:
         self.dtype = getattr(torch, info["dtype"])
         self.device = torch.device("cpu")  # where the returned tensors live
 
-    def seqs_to_hiddens(self, seqs: Sequence[str], ids: Sequence[str] | None = None) -> tuple[Any, Any]:
+    def seqs_to_hiddens(
+        self, seqs: Sequence[str], ids: Sequence[str] | None = None, layers: int | Sequence[int] | None = None
+    ) -> tuple[Any, Any]:
         """As :meth:`prott5nv.api.ProtT5nv.seqs_to_hiddens`: ``(hiddens [B, L_max, D] float32, residue
-        mask [B, L_max] bool)`` on the CPU, computed by the server from the sequences themselves."""
+        mask [B, L_max] bool)`` on the CPU, computed by the server from the sequences themselves; for a
+        list of `layers`, hiddens ``[len(layers), B, L_max, D]``."""
         import torch
 
-        states = self.client.embed(seqs, ids, per_residue=True)
-        longest = max(len(s) for s in states)
-        hiddens = torch.zeros(len(states), longest, self.embedding_dim)
+        asked = None if layers is None else [layers] if isinstance(layers, int) else list(layers)
+        states = self.client.embed(seqs, ids, per_residue=True, layers=asked)
+        if asked is None:
+            states = [s[None] for s in states]
+        longest = max(s.shape[1] for s in states)
+        hiddens = torch.zeros(len(states[0]), len(states), longest, self.embedding_dim)
         mask = torch.zeros(len(states), longest, dtype=torch.bool)
         for i, s in enumerate(states):
-            hiddens[i, : len(s)] = torch.from_numpy(s)
-            mask[i, : len(s)] = True
-        return hiddens, mask
+            hiddens[:, i, : s.shape[1]] = torch.from_numpy(s)
+            mask[i, : s.shape[1]] = True
+        return (hiddens[0] if layers is None or isinstance(layers, int) else hiddens), mask
 
 
 def _retry_after(value: str | None, default: float) -> float:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from ..errors import ProtT5nvError
 
 #: Command modules under prott5nv.cli, in the order `--help` lists them.
-COMMANDS = ("embed", "info", "preprocess", "pretrain", "convert", "generate", "infill", "score", "serve", "finetune",
-            "predict", "export_onnx")
+COMMANDS = ("embed", "merge", "info", "preprocess", "pretrain", "convert", "generate", "infill", "score", "serve",
+            "finetune", "predict", "export_onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:

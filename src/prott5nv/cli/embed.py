@@ -2,13 +2,16 @@
 
 Under `torchrun` (environment RANK / WORLD_SIZE / LOCAL_RANK) every process embeds its share of the
 records (record i -> rank i % WORLD_SIZE, on cuda:LOCAL_RANK when the device is CUDA) and rank 0 writes
-the merged output. Flags are added in groups (`_add_*_args`) so other front ends can reuse them.
+the merged output. `--shard K/N` embeds one of N shards of the input into its own output, with no
+coordination (a SLURM array, a Nextflow process); `prott5nv merge` joins them. Flags are added in groups
+(`_add_*_args`) so other front ends can reuse them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from tqdm import tqdm
 
@@ -36,8 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "original_id), OUT.parquet (one row per protein) or a directory of .npy files. Default: the mean "
         "over residues (D,); --pooling and --per-residue choose other outputs. An interrupted run "
         "(Ctrl-C, kill) resumes when the same command is run again. Several processes: "
-        "`torchrun --nproc-per-node N -m prott5nv embed ...`.",
+        "`torchrun --nproc-per-node N -m prott5nv embed ...`; several machines: --shard K/N, then "
+        "`prott5nv merge`.",
     )
+    p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$")  # `--layers -1,6` is a value, not a flag
     p.add_argument("input", help="FASTA file (plain or .gz)")
     p.add_argument("-o", "--output", required=True, help="output file or directory (written atomically)")
     add_model_args(p)
@@ -78,9 +83,37 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
         "--per-residue); 'first' is the first residue's state (ProtT5nv has no BOS/CLS token)",
     )  # fmt: skip
     g.add_argument("--per-residue", action="store_true", help="store (L, D) per-residue embeddings")
+    g.add_argument(
+        "--layers", type=layer_list, default=None, metavar="K[,K...]",
+        help="encoder layers to output (fair-esm's --repr_layers numbering): 0 = the embedding output, k = "
+        "block k's output, -1 = the last, after the final norm (default: -1 alone); negative numbers count "
+        "from the end. Several layers: outputs named layer{k}_{kind}, k from 0",
+    )  # fmt: skip
+    g.add_argument(
+        "--shard", type=shard_arg, default=None, metavar="K/N",
+        help="embed only shard K of N (1 <= K <= N; records in whole --window blocks dealt round-robin) into "
+        "OUT, to be joined by `prott5nv merge` into the file one process writes",
+    )  # fmt: skip
     g.add_argument("--format", choices=FORMATS, default=None, help="default: from the output name")
     g.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
     add_overwrite_arg(g)
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """argparse type of --layers: comma-separated integers (checked against the model once it is loaded)."""
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as -1,6, got {text!r}") from None
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    from ..inference.shards import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--shard {text!r}: ")) from None
 
 
 def _add_batching_args(p: argparse.ArgumentParser) -> None:
@@ -132,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         window=args.window,
         format=args.format,
         restart=args.restart,
+        layers=args.layers,
+        shard=args.shard,
         rank=rank,
         world_size=world,
     )
@@ -140,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     def on_start(proteins: int, residues: int) -> None:
         nonlocal bar
         desc = "embed" if world == 1 else f"embed rank {rank}"
+        if args.shard:
+            desc += " shard {}/{}".format(*args.shard)
         bar = tqdm(total=residues, unit="res", unit_scale=True, desc=desc, dynamic_ncols=True, position=rank)
 
     def on_batch(proteins: int, residues: int) -> None:

@@ -85,6 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "per protein), dipeptide (composition + 400 dipeptide frequencies, per protein), onehot "
                    "(residue identity) or onehot-window (one-hot of residues i-W..i+W, per residue)")  # fmt: skip
     h.add_argument("--window", type=int, default=7, help="half-width W of --features onehot-window (default: 7)")
+    h.add_argument("--layer", type=int, default=None,
+                   help="encoder layer the head reads (fair-esm's numbering: 0 = the embedding output, k = block "
+                   "k, -1 = the last, after the final norm: the default); recorded in the predictor")  # fmt: skip
     h.add_argument("--head", default="mlp", choices=HEADS, help="linear, mlp (default) or cnn (per residue)")
     h.add_argument("--class-weights", action="store_true", help="balanced class weights against imbalance")
     h.add_argument("--finetune", action="store_true", help="train the encoder together with the head")
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             classes=args.classes.split(",") if args.classes else None, val_fraction=args.val_fraction,
             max_train=args.max_train, max_eval=args.max_eval, **length_kwargs(args),
             cache_dir=cache_dir(args), device=args.device, dtype=args.dtype,
-            policy=sequence_policy(args), progress=make,
+            policy=sequence_policy(args), progress=make, layer=args.layer,
         )  # fmt: skip
     finally:
         for bar in bars:

@@ -13,7 +13,6 @@ concurrent runs and interrupted runs never leave a broken cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import uuid
@@ -156,18 +155,18 @@ class DipeptideFeaturizer:
         return out
 
 
+def resolve_layer(model: Any, layer: int | None) -> int | None:
+    """An encoder layer (fair-esm's numbering) as an index 0..num_layers-1, or None for the encoder's
+    output (the default; -1 and num_layers are that layer too)."""
+    if layer is None:
+        return None
+    (index,) = model.config.encoder_layers(layer)
+    return None if index == model.config.num_layers else index
+
+
 def model_fingerprint(model: Any) -> str:
-    """A hash of everything that determines a model's embeddings: weights, tokenizer, compute dtype."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(model.tokenizer.to_dict(), sort_keys=True).encode())
-    h.update(str(model.dtype).encode())
-    for name, t in sorted(model.model.state_dict().items()):
-        if name.startswith("decoder.") or name == "lm_head_bias":
-            continue  # embeddings use the encoder only
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update((t.float() if t.is_floating_point() else t).numpy().tobytes())
-    return h.hexdigest()
+    """A hash of everything that determines a model's embeddings (:meth:`ProtT5nv.fingerprint`)."""
+    return model.fingerprint()
 
 
 class EmbeddingCache:
@@ -225,7 +224,9 @@ class EmbeddingFeaturizer:
     :attr:`truncated`) or embedded as overlapping windows stitched back together as ``embed --chunk``
     does (counted in :attr:`chunked`; per protein: the mean over the stitched residues). Without
     `length`, the limit is the model's (or a smaller `max_length`) and long proteins are truncated, or
-    chunked in windows of the limit when `chunk_overlap` is given."""
+    chunked in windows of the limit when `chunk_overlap` is given. `layer` picks the encoder layer
+    (fair-esm's numbering, :meth:`~prott5nv.model.config.T5Config.encoder_layers`; default: the output,
+    after the final norm); another layer's features are cached under their own key."""
 
     name = "embeddings"
 
@@ -239,8 +240,10 @@ class EmbeddingFeaturizer:
         max_length: int | None = None,
         chunk_overlap: int | None = None,
         length: LengthPolicy | None = None,
+        layer: int | None = None,
     ) -> None:
         self.model = model
+        self.layer = resolve_layer(model, layer)
         self.dim = model.embedding_dim
         self.batch_tokens = batch_tokens
         if length is None:
@@ -258,7 +261,8 @@ class EmbeddingFeaturizer:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
+            layer = "" if self.layer is None else f"-layer{self.layer}"
+            self._fingerprint = model_fingerprint(self.model) + layer
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
@@ -266,6 +270,7 @@ class EmbeddingFeaturizer:
         chunk = {} if window is None else {"chunk_overlap": self.chunk_overlap, "chunk_size": window}
         return {"type": self.name, "model": self.model_name, "fingerprint": self.fingerprint,
                 "max_length": self.max_length, "pooling": "mean", **chunk,
+                **({} if self.layer is None else {"layer": self.layer}),
                 "dtype": str(self.model.dtype).removeprefix("torch.")}  # fmt: skip
 
     def _long(self, seq: str) -> bool:
@@ -297,7 +302,7 @@ class EmbeddingFeaturizer:
         tokens = self.model.encode(seqs)
         out: list[np.ndarray] = [np.empty(0)] * len(seqs)
         for batch in token_budget_batches([len(t) for t in tokens], self.batch_tokens):
-            hiddens, mask = self.model.tokens_to_hiddens([tokens[i] for i in batch])
+            hiddens, mask = self.model.tokens_to_hiddens([tokens[i] for i in batch], self.layer)
             if per_residue:
                 for j, i in enumerate(batch):
                     out[i] = hiddens[j, : len(seqs[i])].cpu().numpy().astype(np.float16)

@@ -44,14 +44,16 @@ class Predictor:
 
     def __init__(self, task: Task, head: Head, *, featurizer: Any = None, model: Any = None,
                  max_length: int | None = None, batch_size: int = 64, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 length: LengthPolicy | None = None, lora: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 length: LengthPolicy | None = None, lora: dict[str, Any] | None = None,
+                 layer: int | None = None) -> None:  # fmt: skip
         """`length`: the fine-tuned model's length policy (default: cut to `max_length`, else its limit).
         `lora`: `model` is a base model with LoRA adapters; ``{"model": base name/path, "fingerprint": of
-        the base, "rank", "alpha", "modules"}`` (then only the adapters are saved)."""
+        the base, "rank", "alpha", "modules"}`` (then only the adapters are saved). `layer`: the fine-tuned
+        encoder's layer the head reads (an index; None: its output)."""
         if (featurizer is None) == (model is None):
             raise ConfigError("a predictor needs either a featurizer (frozen) or a model (fine-tuned)")
         self.task, self.head = task, head.eval()
-        self.featurizer, self.model, self.lora = featurizer, model, lora
+        self.featurizer, self.model, self.lora, self.layer = featurizer, model, lora, layer
         self.max_length, self.batch_size, self.batch_tokens = max_length, batch_size, batch_tokens
         self.length = length if featurizer is None else getattr(featurizer, "length", None)
         if model is not None and length is None:
@@ -72,7 +74,7 @@ class Predictor:
             from .training import EncoderHead
 
             rows: Any = TokenRows(self.task, self.model, seqs, None, self.length, self.batch_tokens)
-            net: Any = EncoderHead(self.model.model, self.head, self.model.tokenizer.num_special_suffix)
+            net: Any = EncoderHead(self.model.model, self.head, self.model.tokenizer.num_special_suffix, self.layer)
             preds, probs, _ = run_net(net, self.head, self.task, rows, self.batch_size)
             if progress:
                 progress(sum(map(len, seqs)))
@@ -107,10 +109,11 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------- saving
     def describe(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        layer = {} if self.layer is None else {"layer": self.layer}
         if self.lora is not None:
-            features = {"type": "lora", "adapters": ADAPTERS, **self.lora}
+            features = {"type": "lora", "adapters": ADAPTERS, **self.lora, **layer}
         elif self.finetuned:
-            features = {"type": "finetuned", "model": "model"}
+            features = {"type": "finetuned", "model": "model", **layer}
         else:
             features = self.featurizer.describe()
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task.to_dict(),
@@ -181,14 +184,14 @@ def load_predictor(
         lora = None
         if features["type"] == "lora":
             tuned = _with_adapters(run, features, model, device, dtype)
-            lora = {k: v for k, v in features.items() if k not in ("type", "adapters")}
+            lora = {k: v for k, v in features.items() if k not in ("type", "adapters", "layer")}
         else:
             tuned = load(run / features["model"], device=device, dtype=dtype)
         length = resolve(tuned, max_length, long_policy, size, overlap)
         if length.window is not None:
             raise ConfigError("a fine-tuned predictor reads whole proteins: use --truncate, not --chunk")
         return Predictor(task, head.to(tuned.device), model=tuned, max_length=max_length, batch_tokens=batch_tokens,
-                         length=length, lora=lora)  # fmt: skip
+                         length=length, lora=lora, layer=features.get("layer"))  # fmt: skip
     if features["type"] == "embeddings":
         if model is None:
             if not features.get("model"):
@@ -196,7 +199,7 @@ def load_predictor(
             model = load(features["model"], device=device, dtype=dtype or features.get("dtype"))
         length = resolve(model, max_length, long_policy, size, overlap)
         featurizer = EmbeddingFeaturizer(model, cache_dir=cache_dir, batch_tokens=batch_tokens, length=length,
-                                         model_name=features.get("model", ""))  # fmt: skip
+                                         model_name=features.get("model", ""), layer=features.get("layer"))  # fmt: skip
         if featurizer.fingerprint != features.get("fingerprint"):
             raise CheckpointError(
                 f"{run}: the base model {features.get('model') or getattr(model, 'name', '')!r} is not the one this "

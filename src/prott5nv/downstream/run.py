@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..fsutil import atomic_directory, atomic_text_file
 from ..inference.length import DEFAULT_CHUNK_OVERLAP
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
-from .features import PER_PROTEIN_ONLY, PER_RESIDUE_ONLY, make_featurizer
+from .features import PER_PROTEIN_ONLY, PER_RESIDUE_ONLY, make_featurizer, resolve_layer
 from .metrics import summary_line, task_metrics
 from .options import FitOptions
 from .plots import write_plots
@@ -79,13 +79,15 @@ def finetune_task(
     batch_tokens: int | None = None,
     policy: SequencePolicy = DEFAULT_POLICY,
     progress: ProgressFactory | None = None,
+    layer: int | None = None,
 ) -> RunSummary:
     """Train a predictor for `task_file` and save it in `out`. `model`: a name/path or a loaded
     :class:`~prott5nv.api.ProtT5nv` (ignored with the features without a model: composition, dipeptide,
     onehot, onehot-window, whose half-width is `window`). `max_train` / `max_eval` keep seeded random
     subsets of the training / of the val and test rows. Proteins longer than the limit (`max_length`,
     default the model's) follow `long_policy` (refuse, truncate or chunk: :mod:`prott5nv.inference.length`).
-    `batch_tokens` defaults to the options'."""
+    `batch_tokens` defaults to the options'. `layer`: the encoder layer the head reads (fair-esm's
+    numbering: 0 = the embedding output, k = block k, -1 = the output after the final norm, the default)."""
     from ..api import ProtT5nv, load
     from ..inference.length import resolve
 
@@ -107,6 +109,8 @@ def finetune_task(
     if opts.trains_encoder and features != "embeddings":
         raise ConfigError(f"{'LoRA' if opts.lora else 'fine-tuning'} trains through the encoder: use --features "
                           "embeddings")  # fmt: skip
+    if layer is not None and features != "embeddings":
+        raise ConfigError(f"--layer picks an encoder layer; {features} features use no encoder")
     if opts.trains_encoder and dtype not in (None, "float32"):
         raise ConfigError(f"{'LoRA' if opts.lora else 'fine-tuning'} trains float32 weights: use --dtype float32")
     loaded = None
@@ -128,12 +132,14 @@ def finetune_task(
             from .features import model_fingerprint
 
             lora = {"model": model_name, "fingerprint": model_fingerprint(loaded), **opts.lora_spec()}
-        result = fit_finetune(data, loaded, opts, length=length)
+        index = resolve_layer(loaded, layer)
+        result = fit_finetune(data, loaded, opts, length=length, layer=index)
         tuned = ProtT5nv(result.encoder, loaded.tokenizer, device=loaded.device, dtype=loaded.dtype, name="model")
         predictor = Predictor(data.task, result.head, model=tuned, max_length=max_length, batch_tokens=batch_tokens,
-                              length=length, lora=lora)  # fmt: skip
+                              length=length, lora=lora, layer=index)  # fmt: skip
     else:
-        settings = {"batch_tokens": batch_tokens, "cache_dir": cache_dir, "model_name": model_name, "length": length}
+        settings = {"batch_tokens": batch_tokens, "cache_dir": cache_dir, "model_name": model_name, "length": length,
+                    "layer": layer}  # fmt: skip
         featurizer = make_featurizer(features, loaded, window=window, **(settings if loaded else {}))
         update = progress("features", total) if progress else None
         result = fit_frozen(data, featurizer, opts, progress=update)

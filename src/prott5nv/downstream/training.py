@@ -118,16 +118,20 @@ class TokenRows:
 
 
 class EncoderHead(nn.Module):
-    """The encoder and a head trained together: ``(input_ids, attention_mask) -> head outputs``."""
+    """The encoder and a head trained together: ``(input_ids, attention_mask) -> head outputs``; the head
+    reads encoder layer `layer` (an index 0..num_layers; None: the encoder's output)."""
 
-    def __init__(self, encoder: nn.Module, head: Head, num_special_suffix: int) -> None:
+    def __init__(self, encoder: nn.Module, head: Head, num_special_suffix: int, layer: int | None = None) -> None:
         super().__init__()
-        self.encoder, self.head, self.suffix = encoder, head, num_special_suffix
+        self.encoder, self.head, self.suffix, self.layer = encoder, head, num_special_suffix, layer
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         from ..api import ProtT5nv
 
-        hiddens = self.encoder.encode(input_ids, attention_mask).float()
+        if self.layer is None:
+            hiddens = self.encoder.encode(input_ids, attention_mask).float()
+        else:
+            hiddens = self.encoder.encode_layers(input_ids, attention_mask, [self.layer])[0].float()
         lengths = attention_mask.sum(1) - self.suffix
         width = hiddens.shape[1] - self.suffix
         mask = torch.arange(width, device=hiddens.device)[None] < lengths[:, None]
@@ -314,17 +318,21 @@ def encoder_only(model: nn.Module) -> nn.Module:
     return out.eval()
 
 
-def set_trainable(encoder: nn.Module, unfreeze_layers: int | None) -> int:
-    """Freeze the decoder (unused) and, with `unfreeze_layers` = N, all but the top N encoder blocks and
-    the final norm. Returns the number of trainable encoder parameters."""
+def set_trainable(encoder: nn.Module, unfreeze_layers: int | None, layer: int | None = None) -> int:
+    """Freeze the decoder (unused) and, with `unfreeze_layers` = N, all but the top N encoder blocks below
+    the head's `layer` (default: the output) and the final norm (when the head reads the output). Blocks
+    above `layer` do not take part. Returns the number of trainable encoder parameters."""
     for p in encoder.parameters():
         p.requires_grad_(False)
     stack = encoder.encoder
+    top = len(stack.blocks) if layer is None else layer
+    norm = [stack.final_layer_norm] if top == len(stack.blocks) else []
     if unfreeze_layers is None:
-        trainable: list[nn.Module] = [encoder.embeddings, stack]
+        trainable: list[nn.Module] = [encoder.embeddings, *stack.blocks[:top], *norm]
+        trainable += [stack.relative_bias] if stack.relative_bias is not None else []
     else:
-        n = min(unfreeze_layers, len(stack.blocks))
-        trainable = list(stack.blocks[len(stack.blocks) - n :]) + ([stack.final_layer_norm] if n else [])
+        n = min(unfreeze_layers, top)
+        trainable = list(stack.blocks[top - n : top]) + (norm if n else [])
     for m in trainable:
         for p in m.parameters():
             p.requires_grad_(True)
@@ -339,12 +347,13 @@ def fit_finetune(
     max_length: int | None = None,
     length: LengthPolicy | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    layer: int | None = None,
 ) -> FitResult:
-    """Train a copy of the encoder of `model` (a :class:`~prott5nv.api.ProtT5nv`) with a head; the
-    result's `encoder` is the tuned copy (with `opts.lora`: the frozen encoder with trained LoRA
-    adapters, see :mod:`prott5nv.downstream.lora`). Long proteins follow `length` (default: cut to
-    `max_length`, or to the model's limit); the encoder is trained on whole proteins, so chunking is
-    refused."""
+    """Train a copy of the encoder of `model` (a :class:`~prott5nv.api.ProtT5nv`) with a head reading
+    encoder layer `layer` (an index 0..num_layers; None: the output); the result's `encoder` is the tuned
+    copy (with `opts.lora`: the frozen encoder with trained LoRA adapters, see
+    :mod:`prott5nv.downstream.lora`). Long proteins follow `length` (default: cut to `max_length`, or to
+    the model's limit); the encoder is trained on whole proteins, so chunking is refused."""
     from ..model.fast import apply_speedups
     from ..train.optim import inverse_sqrt_lr, param_groups
 
@@ -370,9 +379,9 @@ def fit_finetune(
                  f"{trainable:,}", opts.lora_rank, ", ".join(opts.lora_modules()),
                  f"{sum(p.numel() for p in encoder.parameters()) - trainable:,}")  # fmt: skip
     else:
-        trainable = set_trainable(encoder, opts.unfreeze_layers)
+        trainable = set_trainable(encoder, opts.unfreeze_layers, layer)
         log.info("fine-tuning %s encoder parameters and the head", f"{trainable:,}")
-    net = EncoderHead(encoder, head, model.tokenizer.num_special_suffix).to(model.device)
+    net = EncoderHead(encoder, head, model.tokenizer.num_special_suffix, layer).to(model.device)
     lr = opts.learning_rate
     groups = [dict(g, lr_scale=1.0) for g in param_groups(encoder, opts.weight_decay)]
     groups += [dict(g, lr_scale=opts.head_lr_scale) for g in param_groups(head, opts.weight_decay)]

@@ -49,12 +49,13 @@ def owners(length: int, starts: Sequence[int], size: int) -> np.ndarray:
 
 
 def stitch(pieces: Sequence[np.ndarray], starts: Sequence[int], length: int) -> np.ndarray:
-    """Per-residue outputs ``[length, D]`` of a protein from its windows' outputs ``[size_k, D]``."""
+    """Per-residue outputs ``[length, ...]`` of a protein from its windows' outputs ``[size_k, ...]``
+    (``[size_k, D]``, or ``[size_k, layers, D]``)."""
     if len(pieces) == 1:
         return pieces[0]
     size = len(pieces[0])
     own = owners(length, starts, size)
-    out = np.empty((length, pieces[0].shape[1]), dtype=pieces[0].dtype)
+    out = np.empty((length, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
     for k, (piece, start) in enumerate(zip(pieces, starts, strict=True)):
         sel = np.flatnonzero(own == k)
         out[sel] = piece[sel - start]

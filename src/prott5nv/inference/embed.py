@@ -4,7 +4,8 @@
    output-name clashes, proteins over the length limit), before any compute and without leaving output
    behind. Kept in memory: the ids seen (for the duplicate and clash checks: O(records) strings), the
    first 20 too-long proteins and counts -- nothing else.
-2. **Embed** (pass 2): this rank's records (record i goes to rank ``i % world_size``) are read again in
+2. **Embed** (pass 2): this rank's records (record i goes to rank ``i % world_size``; with a shard
+   K/N, only the shard's records: see :func:`in_shard`) are read again in
    windows of `window` records (the bounded look-ahead); each window's pieces are sorted by length and
    cut into batches of at most `batch_tokens` padded tokens (:func:`~prott5nv.data.batching.token_budget_batches`).
    Each finished batch is appended to the partial output (:mod:`.store`) and flushed, so memory stays
@@ -12,7 +13,18 @@
    depend only on the input and the settings, so a resumed run skips exactly the batches already saved
    and computes the others exactly as an uninterrupted run would (bit-identical values).
 3. **Merge**: rank 0 waits for every rank's share, then writes the final file (HDF5, `.npy` directory or
-   Parquet) from the partial output through a temporary and a rename, and removes the partial output.
+   Parquet) from the partial output, proteins in input order, through a temporary and a rename, and
+   removes the partial output.
+
+Layers: by default the encoder's output (after its final norm); `layers` picks any (fair-esm's
+``repr_layers`` numbering, :meth:`~prott5nv.model.config.T5Config.encoder_layers`). With one layer the
+outputs are named by kind (``mean``, ``per_residue``...); with several, ``layer{k}_{kind}`` for each layer
+k (0..num_layers) and kind (:func:`output_names`).
+
+Shards (`shard` = (K, N), ``embed --shard K/N``): record i belongs to shard ``(i // window) % N + 1`` --
+whole windows of `window` records dealt round-robin, so a shard computes exactly the batches a
+one-process run computes for those records and the merged shards (:mod:`.shards`) equal a one-process
+output bit for bit. A shard's output is an ordinary output of its records plus ``shard*`` attributes.
 
 Long proteins follow the length policy (:mod:`.length`): refused (default, listed), truncated, or cut
 into overlapping windows whose per-residue outputs are stitched (:mod:`.chunking`); poolings are then
@@ -41,8 +53,9 @@ from ..fasta import read_fasta
 from ..sequence import DEFAULT_POLICY, SequencePolicy
 from .chunking import stitch
 from .length import DEFAULT_CHUNK_OVERLAP, LISTED, LengthPolicy, resolve
+from .shards import in_shard
 from .store import PartialRun
-from .writers import FORMATS, KINDS, POOLINGS, check_output, format_from_path, h5_key, open_writer
+from .writers import FORMATS, KINDS, POOLINGS, check_output, format_from_path, h5_key, open_writer, output_names
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +73,8 @@ class EmbedOptions:
     window: int = 4096  # records sorted together (bounded look-ahead)
     format: str | None = None  # h5 | npy | parquet; None = from the output name
     restart: bool = False  # discard an interrupted run's partial output instead of resuming it
+    layers: int | tuple[int, ...] | None = None  # None: the last (after the final norm); see T5Config.encoder_layers
+    shard: tuple[int, int] | None = None  # (K, N): the K-th (1-based) of N shards of the input
     rank: int = 0
     world_size: int = 1
 
@@ -77,6 +92,15 @@ class EmbedOptions:
     def length(self, model: ProtT5nv) -> LengthPolicy:
         """The length policy of these options for `model`."""
         return resolve(model, self.max_length, self.long_policy, self.chunk_size, self.chunk_overlap)
+
+    def layer_numbers(self, model: ProtT5nv) -> tuple[int, ...]:
+        """The encoder layers embedded (indexes 0..num_layers; default: the last)."""
+        cfg = model.config
+        return (cfg.num_layers,) if self.layers is None else cfg.encoder_layers(self.layers)
+
+    def mine(self, record: int) -> bool:
+        """Whether this process embeds `record`: in the shard, and this rank's."""
+        return in_shard(record, self.window, self.shard) and record % self.world_size == self.rank
 
 
 @dataclass
@@ -112,6 +136,7 @@ class ScanResult:
     too_long_listed: list[tuple[str, int]] = field(default_factory=list)  # the first 20
     shard_proteins: int = 0  # this rank's share
     shard_residues: int = 0  # residues this rank will embed (after truncation)
+    selected: int = 0  # records of the shard (all ranks; all records without a shard)
 
 
 def scan_fasta(
@@ -134,9 +159,11 @@ def scan_fasta(
             if len(out.too_long_listed) < LISTED:
                 out.too_long_listed.append((rec.id, n))
             n = len(length.cut(rec.sequence))
-        if i % opt.world_size == opt.rank:
-            out.shard_proteins += 1
-            out.shard_residues += n
+        if in_shard(i, opt.window, opt.shard):
+            out.selected += 1
+            if i % opt.world_size == opt.rank:
+                out.shard_proteins += 1
+                out.shard_residues += n
         out.records += 1
     return out
 
@@ -157,13 +184,25 @@ def pool(residues: np.ndarray, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
     return out
 
 
-def split_outputs(data: np.ndarray, kinds: tuple[str, ...], length: int, dim: int) -> dict[str, np.ndarray]:
-    """Inverse of concatenating :func:`pool`'s arrays in `kinds` order (how the partial output stores them)."""
+def pool_layers(residues: np.ndarray, kinds: tuple[str, ...]) -> np.ndarray:
+    """One protein's outputs from its per-residue states ``[L, layers, D]``, flattened in storage order
+    (layer by layer, kinds in order: :func:`output_names`)."""
+    layers = range(residues.shape[1])
+    return np.concatenate([a.reshape(-1) for k in layers for a in pool(residues[:, k], kinds).values()])
+
+
+def split_outputs(
+    data: np.ndarray, kinds: tuple[str, ...], length: int, dim: int, layers: tuple[int, ...] = (-1,)
+) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pool_layers` (how the partial output stores a protein): arrays by output name
+    (:func:`output_names`)."""
     out, pos = {}, 0
-    for kind in kinds:
-        n = length * dim if kind == "per_residue" else dim
-        out[kind] = data[pos : pos + n].reshape(-1, dim) if kind == "per_residue" else data[pos : pos + n]
-        pos += n
+    names = iter(output_names(kinds, layers))
+    for _ in layers:
+        for kind in kinds:
+            n = length * dim if kind == "per_residue" else dim
+            out[next(names)] = data[pos : pos + n].reshape(-1, dim) if kind == "per_residue" else data[pos : pos + n]
+            pos += n
     return out
 
 
@@ -183,7 +222,9 @@ class _Piece:
     seq: str  # its residues (what the model, local or remote, is given)
 
 
-def _settings(model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, kinds, fmt, length) -> dict:
+def _settings(
+    model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, kinds, fmt, length, layers: tuple[int, ...]
+) -> dict:
     """What must match for a partial output to be resumed (input identity included)."""
     st = os.stat(input_path)
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
@@ -192,10 +233,31 @@ def _settings(model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions,
         "input": str(Path(input_path).resolve()), "input_bytes": st.st_size, "input_mtime_ns": st.st_mtime_ns,
         "model": model.name, "model_config_sha1": hashlib.sha1(config).hexdigest(),
         "dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
-        "outputs": list(kinds), "format": fmt, "long_policy": opt.long_policy, "max_length": length.limit,
-        "chunk_size": length.window, "chunk_overlap": opt.chunk_overlap if opt.long_policy == "chunk" else None,
+        "layers": list(layers), "outputs": list(kinds), "format": fmt, "long_policy": opt.long_policy,
+        "max_length": length.limit, "chunk_size": length.window,
+        "chunk_overlap": opt.chunk_overlap if opt.long_policy == "chunk" else None,
         "batch_tokens": opt.batch_tokens, "max_seqs_per_batch": opt.max_seqs_per_batch, "window": opt.window,
+        "shard": None if opt.shard is None else "{}/{}".format(*opt.shard),
         "world_size": opt.world_size, "policy": dataclasses.asdict(opt.policy),
+    }  # fmt: skip
+
+
+# Settings that may differ between the shards of one input (where and how each shard ran, not what it
+# computed); the rest, with the input's content digest and the model's weights fingerprint, must match.
+_LOCAL_SETTINGS = ("input", "input_mtime_ns", "model", "device", "format", "shard", "world_size")
+
+
+def _shard_settings(model: ProtT5nv, input_path: str | os.PathLike, settings: dict, records: int) -> dict:
+    """What the shards of one input must share (:func:`~prott5nv.inference.shards.merge_shards` compares it)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(input_path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    fingerprint = getattr(model, "fingerprint", None)
+    return {
+        **{k: v for k, v in settings.items() if k not in _LOCAL_SETTINGS},
+        "input_blake2b": digest.hexdigest(), "input_records": records,
+        "model_fingerprint": fingerprint() if callable(fingerprint) else None,
     }  # fmt: skip
 
 
@@ -208,6 +270,8 @@ def _check_options(opt: EmbedOptions) -> None:
         raise ConfigError(f"unknown output format {opt.format!r}; choose one of {', '.join(FORMATS)}")
     if opt.world_size < 1 or not 0 <= opt.rank < opt.world_size:
         raise ConfigError(f"rank {opt.rank} is not in [0, world_size={opt.world_size})")
+    if opt.shard is not None and not 1 <= opt.shard[0] <= opt.shard[1]:
+        raise ConfigError(f"shard {opt.shard[0]}/{opt.shard[1]}: expected K/N with 1 <= K <= N")
 
 
 def embed_fasta(
@@ -226,19 +290,26 @@ def embed_fasta(
     opt = options or EmbedOptions()
     _check_options(opt)
     kinds = opt.kinds()
+    layers = opt.layer_numbers(model)
     fmt = opt.format or format_from_path(output_path)
     check_output(fmt, output_path, inputs=(input_path,))
     length = opt.length(model)
     scan = scan_fasta(input_path, opt.policy, length, opt)
     if scan.too_long and length.mode == "refuse":
         length.refuse(scan.too_long_listed, scan.too_long, source=str(input_path))
-    run = PartialRun(output_path, _settings(model, input_path, opt, kinds, fmt, length), opt.rank, opt.world_size)
+    if opt.shard is not None and not scan.selected:
+        windows = -(-scan.records // opt.window)
+        log.warning("shard %d/%d of %s is empty: its %d records make %d window(s) of --window %d records; "
+                    "a smaller --window spreads them over more shards", *opt.shard, input_path, scan.records,
+                    windows, opt.window)  # fmt: skip
+    settings = _settings(model, input_path, opt, kinds, fmt, length, layers)
+    run = PartialRun(output_path, settings, opt.rank, opt.world_size)
     done = run.open(scan.records, restart=opt.restart)
     if on_start:
         on_start(scan.shard_proteins, scan.shard_residues)
     start = time.perf_counter()
     try:
-        computed = _embed_shard(model, input_path, opt, kinds, length, done, run, on_batch)
+        computed = _embed_shard(model, input_path, opt, kinds, layers, length, done, run, on_batch)
     except KeyboardInterrupt:
         run.close()
         log.warning("interrupted: the proteins saved so far are in %s; rerun the same command to resume", run.dir)
@@ -255,8 +326,15 @@ def embed_fasta(
     )  # fmt: skip
     if opt.rank == 0:
         run.wait_for_ranks()
-        attrs = _attrs(model, kinds, length)
-        summary.proteins, summary.residues = _merge(run, fmt, output_path, kinds, attrs, scan.records)
+        attrs = _attrs(model, kinds, layers, length)
+        if opt.shard is not None:
+            attrs.update(shard="{}/{}".format(*opt.shard), shard_records=scan.selected,
+                         shard_settings=json.dumps(_shard_settings(model, input_path, settings, scan.records),
+                                                   sort_keys=True))  # fmt: skip
+        order = ((i, i % opt.world_size) for i in range(scan.records) if in_shard(i, opt.window, opt.shard))
+        summary.proteins, summary.residues = _merge(
+            run, fmt, output_path, kinds, layers, attrs, order, scan.selected, model.embedding_dim
+        )
         run.remove()
     else:
         summary.output = f"{run.dir} (rank {opt.rank}; rank 0 merges)"
@@ -265,13 +343,14 @@ def embed_fasta(
     return summary
 
 
-def _attrs(model: ProtT5nv, kinds: tuple[str, ...], length: LengthPolicy) -> dict:
+def _attrs(model: ProtT5nv, kinds: tuple[str, ...], layers: tuple[int, ...], length: LengthPolicy) -> dict:
     pools = [k for k in kinds if k != "per_residue"]
     return {
         "model": model.name,
         "prott5nv_version": __version__,
         "per_residue": "per_residue" in kinds,
         "pooling": ",".join(pools) if pools else "none",
+        "layers": ",".join(map(str, layers)),
         "dtype": str(model.dtype).removeprefix("torch."),
         **{k: -1 if v is None else v for k, v in length.describe().items()},
     }
@@ -280,11 +359,12 @@ def _attrs(model: ProtT5nv, kinds: tuple[str, ...], length: LengthPolicy) -> dic
 def _windows(
     model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions, length: LengthPolicy
 ) -> Iterator[tuple[list[_Protein], list[_Piece]]]:
-    """This rank's records in windows of `opt.window`, each protein cut into its pieces."""
+    """This process's records in windows of `opt.window`, each protein cut into its pieces (a shard keeps
+    whole windows of the input, so its windows are the one-process run's windows)."""
     proteins: list[_Protein] = []
     pieces: list[_Piece] = []
     for i, rec in enumerate(read_fasta(input_path, opt.policy)):
-        if i % opt.world_size != opt.rank:
+        if not opt.mine(i):
             continue
         seq = length.cut(rec.sequence)
         starts = length.starts(len(seq))
@@ -304,12 +384,14 @@ def _embed_shard(
     input_path: str | os.PathLike,
     opt: EmbedOptions,
     kinds: tuple[str, ...],
+    layers: tuple[int, ...],
     length: LengthPolicy,
     done: np.ndarray,
     run: PartialRun,
     on_batch: Callable[[int, int], None] | None,
 ) -> int:
-    """Embed this rank's proteins not yet `done`, appending each batch to `run`. Returns residues computed."""
+    """Embed this process's proteins not yet `done`, appending each batch to `run`. Returns residues
+    computed."""
     computed = 0
     for proteins, pieces in _windows(model, input_path, opt, length):
         skipped = [p for p in proteins if done[p.record]]
@@ -321,15 +403,20 @@ def _embed_shard(
         for batch in token_budget_batches(lengths, opt.batch_tokens, opt.max_seqs_per_batch):
             if all(done[proteins[pieces[i].protein].record] for i in batch):
                 continue
-            hiddens, mask = model.seqs_to_hiddens([pieces[i].seq for i in batch])
-            states, lens = hiddens.cpu().numpy(), mask.sum(1).tolist()
+            seqs = [pieces[i].seq for i in batch]
+            if opt.layers is None:  # the default: the encoder's output, as it always was
+                hiddens, mask = model.seqs_to_hiddens(seqs)
+                hiddens = hiddens[None]
+            else:
+                hiddens, mask = model.seqs_to_hiddens(seqs, layers=list(layers))
+            states, lens = hiddens.cpu().numpy(), mask.sum(1).tolist()  # [layers, B, L, D]
             finished: list[tuple[_Protein, np.ndarray]] = []
             for j, i in enumerate(batch):
                 piece = pieces[i]
                 prot = proteins[piece.protein]
                 if done[prot.record]:
                     continue
-                residues = states[j, : lens[j]]
+                residues = states[:, j, : lens[j]].transpose(1, 0, 2)  # [L, layers, D]
                 if len(prot.starts) > 1:
                     parts = partial.setdefault(piece.protein, [None] * len(prot.starts))
                     parts[piece.k] = residues.copy()
@@ -337,10 +424,7 @@ def _embed_shard(
                         continue
                     residues = stitch(partial.pop(piece.protein), prot.starts, prot.length)
                 finished.append((prot, residues))
-            run.append([
-                (p.record, p.id, p.length, np.concatenate([a.reshape(-1) for a in pool(r, kinds).values()]))
-                for p, r in finished
-            ])  # fmt: skip
+            run.append([(p.record, p.id, p.length, pool_layers(r, kinds)) for p, r in finished])
             batch_residues = sum(p.length for p, _ in finished)
             for p, _ in finished:
                 done[p.record] = True
@@ -351,17 +435,26 @@ def _embed_shard(
 
 
 def _merge(
-    run: PartialRun, fmt: str, output_path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict, expected: int
+    run: PartialRun,
+    fmt: str,
+    output_path: str | os.PathLike,
+    kinds: tuple[str, ...],
+    layers: tuple[int, ...],
+    attrs: dict,
+    order: Iterator[tuple[int, int]],
+    expected: int,
+    dim: int,
 ) -> tuple[int, int]:
-    """Write the final output from the partial one (all `expected` proteins). Returns (proteins, residues)."""
+    """Write the final output from the partial one: the proteins of `order` ((record, rank) in input
+    order), `expected` of them. Returns (proteins, residues)."""
     proteins = residues = 0
-    dim = None
-    with open_writer(fmt, output_path, kinds, attrs) as writer:
-        for stored in run.proteins():
-            if dim is None:
-                pooled = sum(k != "per_residue" for k in kinds)
-                dim = stored.data.size // (pooled + (stored.length if "per_residue" in kinds else 0))
-            writer.write(stored.record, stored.id, stored.length, split_outputs(stored.data, kinds, stored.length, dim))
+    pooled = sum(k != "per_residue" for k in kinds)
+    with open_writer(fmt, output_path, output_names(kinds, layers), attrs, dim=dim) as writer:
+        for stored in run.in_order(order):
+            per = stored.data.size // len(layers)
+            dim = per // (pooled + (stored.length if "per_residue" in kinds else 0))
+            outputs = split_outputs(stored.data, kinds, stored.length, dim, layers)
+            writer.write(stored.record, stored.id, stored.length, outputs)
             proteins += 1
             residues += stored.length
         if proteins != expected:
@@ -371,4 +464,6 @@ def _merge(
     return proteins, residues
 
 
-__all__ = ["KINDS", "EmbedOptions", "EmbedSummary", "embed_fasta", "pool", "scan_fasta", "split_outputs"]
+__all__ = [
+    "KINDS", "EmbedOptions", "EmbedSummary", "embed_fasta", "output_names", "pool", "scan_fasta", "split_outputs",
+]  # fmt: skip

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,34 @@ class PartialRun:
                         raw = os.pread(data.fileno(), nbytes, offset)
                         yield StoredProtein(record, rid, length, np.frombuffer(raw, dtype=np.float32))
 
+    def in_order(self, order: Iterable[tuple[int, int]]) -> Iterator[StoredProtein]:
+        """The stored proteins in the order of `order`, ``(record, rank)`` pairs (the embedder gives input
+        order), whatever order their batches were written in. Journal entries read ahead of the one wanted
+        are kept until asked for: about a window's worth, since each window's batches are written
+        together. Ends early at a record that is not stored (the caller counts)."""
+        entries: dict[int, Iterator[list]] = {}
+        ahead: dict[int, dict[int, list]] = {}
+        files: dict[int, Any] = {}
+        try:
+            for record, rank in order:
+                if rank not in entries:
+                    bin_path, journal_path = self._paths(rank)
+                    entries[rank], ahead[rank] = _journal_entries(journal_path), {}
+                    files[rank] = open(bin_path, "rb") if bin_path.exists() else None
+                buffered = ahead[rank]
+                while record not in buffered:
+                    entry = next(entries[rank], None)
+                    if entry is None:
+                        return
+                    buffered[entry[0]] = entry
+                _, rid, length, offset, nbytes = buffered.pop(record)
+                raw = os.pread(files[rank].fileno(), nbytes, offset)
+                yield StoredProtein(record, rid, length, np.frombuffer(raw, dtype=np.float32))
+        finally:
+            for fh in files.values():
+                if fh is not None:
+                    fh.close()
+
     def remove(self) -> None:
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -149,6 +177,15 @@ class PartialRun:
 def _sync(fh) -> None:  # noqa: ANN001 - a binary file object
     fh.flush()
     os.fsync(fh.fileno())
+
+
+def _journal_entries(path: Path) -> Iterator[list]:
+    """The ``[record, id, length, offset, bytes]`` entries of a journal, in the order written."""
+    if not path.exists():
+        return
+    with open(path, "rb") as journal:
+        for line in journal:
+            yield from json.loads(line)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

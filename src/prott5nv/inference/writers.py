@@ -1,4 +1,5 @@
-"""Embedding writers: HDF5 (bio_embeddings layout), a directory of `.npy` files, or Parquet.
+"""Embedding writers: HDF5 (bio_embeddings layout), a directory of `.npy` files, or Parquet; and
+:func:`read_output`, which reads any of them back (what `prott5nv merge` reads shards with).
 
 Every writer builds its output under a temporary name beside the target and renames it into place only
 on :meth:`commit`, so a reader never sees a half-written file. Outputs ("kinds") are the poolings
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,6 +33,11 @@ def h5_key(record_id: str) -> str:
     return record_id.replace("/", "_")
 
 
+def per_residue(name: str) -> bool:
+    """Whether output `name` (a kind, or ``layer{k}_{kind}``) holds ``(L, D)`` per-residue arrays."""
+    return name == "per_residue" or name.endswith("_per_residue")
+
+
 def format_from_path(path: str | os.PathLike) -> str:
     """Output format implied by the name: `.parquet`/`.pq` -> parquet, `.h5`/`.hdf5` -> h5, else npy
     (a directory)."""
@@ -45,9 +52,11 @@ def format_from_path(path: str | os.PathLike) -> str:
 class Writer:
     """Base class: temporary-then-rename lifecycle and the count of proteins written."""
 
-    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict[str, Any] | None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict[str, Any] | None, dim: int | None = None
+    ) -> None:
         self.path = Path(path)
-        self.kinds, self.attrs = kinds, dict(attrs or {})
+        self.kinds, self.attrs, self.dim = kinds, dict(attrs or {}), dim
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
         self._remove(self.tmp_path)
@@ -94,12 +103,14 @@ class Writer:
 
 
 class H5Writer(Writer):
-    """bio_embeddings layout: one dataset per protein named by its id (attribute `original_id`), at the
-    root when there is one output kind, else under one group per kind (`/mean/ID`, `/per_residue/ID`).
+    """bio_embeddings layout: one dataset per protein named by its id (attributes `original_id` and
+    `record`, its position in the input), at the root when there is one output kind, else under one group
+    per kind (`/mean/ID`, `/per_residue/ID`).
     File attributes record how the file was made."""
 
-    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
-        super().__init__(path, kinds, attrs)
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None,
+                 dim: int | None = None) -> None:  # fmt: skip
+        super().__init__(path, kinds, attrs, dim)
         if self.path.is_dir():
             raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
         self._file = h5py.File(self.tmp_path, "w")
@@ -111,6 +122,7 @@ class H5Writer(Writer):
         for kind in self.kinds:
             ds = self._groups[kind].create_dataset(h5_key(record_id), data=outputs[kind])
             ds.attrs["original_id"] = record_id
+            ds.attrs["record"] = record
         self.written += 1
 
     def _close(self) -> None:
@@ -121,8 +133,9 @@ class NpyWriter(Writer):
     """A directory: `ID.npy` per protein (`ID.KIND.npy` when several kinds) and `index.tsv` listing
     record number, id, length and the file of each kind, in the order written."""
 
-    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
-        super().__init__(path, kinds, attrs)
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None,
+                 dim: int | None = None) -> None:  # fmt: skip
+        super().__init__(path, kinds, attrs, dim)
         self.tmp_path.mkdir()
         self._index = open(self.tmp_path / NPY_INDEX, "w")
         self._index.write("\t".join(["record", "id", "length", *kinds]) + "\n")
@@ -147,13 +160,14 @@ class ParquetWriter(Writer):
 
     ROW_GROUP_FLOATS = 16 << 20
 
-    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None):
+    def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None,
+                 dim: int | None = None) -> None:  # fmt: skip
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise ConfigError("Parquet output needs pyarrow: pip install 'prott5nv[parquet]'") from None
-        super().__init__(path, kinds, attrs)
+        super().__init__(path, kinds, attrs, dim)
         if self.path.is_dir():
             raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
         self._pa, self._pq = pa, pq
@@ -165,7 +179,7 @@ class ParquetWriter(Writer):
         pa = self._pa
         vec = pa.list_(pa.float32(), dim)
         fields = [pa.field("record", pa.int64()), pa.field("id", pa.string()), pa.field("length", pa.int32())]
-        fields += [pa.field(k, pa.list_(vec) if k == "per_residue" else vec) for k in self.kinds]
+        fields += [pa.field(k, pa.list_(vec) if per_residue(k) else vec) for k in self.kinds]
         meta = {str(k): str(v) for k, v in self.attrs.items()}
         return pa.schema(fields, metadata=meta)
 
@@ -193,7 +207,7 @@ class ParquetWriter(Writer):
             arrays = [r[3][kind] for r in self._rows]
             flat = pa.array(np.concatenate([a.reshape(-1) for a in arrays]), pa.float32())
             vectors = pa.FixedSizeListArray.from_arrays(flat, dim)
-            if kind == "per_residue":
+            if per_residue(kind):
                 offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
                 vectors = pa.ListArray.from_arrays(pa.array(offsets), vectors)
             cols[kind] = vectors
@@ -202,6 +216,8 @@ class ParquetWriter(Writer):
 
     def _close(self) -> None:
         self._flush()
+        if self._writer is None and self.dim is not None:  # no protein (an empty shard): the schema only
+            self._writer = self._pq.ParquetWriter(self.tmp_path, self._schema(self.dim))
         if self._writer is not None:
             self._writer.close()
 
@@ -222,8 +238,121 @@ def check_output(fmt: str, path: str | os.PathLike, inputs: tuple[str | os.PathL
 WRITERS: dict[str, type[Writer]] = {"h5": H5Writer, "npy": NpyWriter, "parquet": ParquetWriter}
 
 
-def open_writer(fmt: str, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict | None = None) -> Writer:
-    """A writer of format `fmt` ("h5", "npy" or "parquet") for outputs `kinds`."""
+def open_writer(
+    fmt: str, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict | None = None, dim: int | None = None
+) -> Writer:
+    """A writer of format `fmt` ("h5", "npy" or "parquet") for outputs `kinds` (the names of the arrays
+    each protein has); `dim`, the embedding width, lets an output without proteins have its schema."""
     if fmt not in WRITERS:
         raise ConfigError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return WRITERS[fmt](path, kinds, attrs)
+    return WRITERS[fmt](path, kinds, attrs, dim)
+
+
+# ------------------------------------------------------------------------------------------- reading
+StoredRecord = tuple[int, str, int, dict[str, np.ndarray]]  # record, id, length (HDF5: 0), arrays by name
+
+
+class StoredOutput:
+    """An output of any format read back: `attrs` (how it was made; text for .npy and Parquet), `kinds`
+    (its array names, in storage order: :func:`output_names`), `count` (proteins) and :meth:`proteins`."""
+
+    def __init__(self, path: str | os.PathLike, fmt: str) -> None:
+        self.path, self.fmt = Path(path), fmt
+        self._rows: list[tuple[int, str]] = []  # h5: (record, dataset name); npy: (record, index line)
+        if fmt == "h5":
+            with h5py.File(self.path, "r") as f:
+                self.attrs: dict[str, Any] = dict(f.attrs)
+                self.kinds = _names_from_attrs(self.attrs)
+                datasets = f if len(self.kinds) == 1 else f[self.kinds[0]]
+                self._rows = sorted((int(datasets[k].attrs["record"]), k) for k in datasets)
+            self.count = len(self._rows)
+        elif fmt == "npy":
+            attrs = (self.path / "attrs.tsv").read_text().splitlines()
+            self.attrs = dict(line.split("\t", 1) for line in attrs if line)
+            header, *lines = (self.path / NPY_INDEX).read_text().splitlines()
+            self.kinds = tuple(header.split("\t")[3:])
+            self._rows = sorted((int(line.split("\t", 1)[0]), line) for line in lines)
+            self.count = len(self._rows)
+        else:
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(self.path)
+            metadata = meta.schema_arrow.metadata or {}
+            self.attrs = {k.decode(): v.decode() for k, v in metadata.items() if not k.startswith(b"ARROW:")}
+            self.kinds = tuple(meta.schema_arrow.names[3:])
+            self.count = meta.metadata.num_rows
+
+    def proteins(self) -> Iterator[StoredRecord]:
+        """``(record, id, length, {name: array})`` of every protein: by record number for HDF5 and .npy,
+        in the stored order for Parquet (the input order, as embed writes it)."""
+        if self.fmt == "h5":
+            with h5py.File(self.path, "r") as f:
+                groups = [f] * len(self.kinds) if len(self.kinds) == 1 else [f[k] for k in self.kinds]
+                for record, key in self._rows:
+                    arrays = {k: g[key][()] for k, g in zip(self.kinds, groups, strict=True)}
+                    yield record, str(groups[0][key].attrs["original_id"]), 0, arrays
+        elif self.fmt == "npy":
+            for _, line in self._rows:
+                record, rid, length, *files = line.split("\t")
+                arrays = {k: np.load(self.path / f) for k, f in zip(self.kinds, files, strict=True)}
+                yield int(record), rid, int(length), arrays
+        else:
+            yield from self._parquet_rows()
+
+    def _parquet_rows(self) -> Iterator[StoredRecord]:
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(self.path).iter_batches():
+            columns: dict[str, list[np.ndarray]] = {}
+            for kind in self.kinds:
+                col = batch.column(kind)
+                if per_residue(kind):  # a list of fixed-size lists per row
+                    offsets = col.offsets.to_numpy()
+                    offsets = offsets - offsets[0]
+                    rows = col.flatten()
+                    flat = rows.flatten().to_numpy().reshape(-1, rows.type.list_size)
+                    columns[kind] = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+                else:
+                    columns[kind] = list(col.flatten().to_numpy().reshape(-1, col.type.list_size))
+            records, ids, lengths = (batch.column(c).to_pylist() for c in ("record", "id", "length"))
+            for i, record in enumerate(records):
+                yield record, ids[i], lengths[i], {k: columns[k][i] for k in self.kinds}
+
+
+def output_names(kinds: tuple[str, ...], layers: tuple[int, ...]) -> tuple[str, ...]:
+    """What the outputs are called, in storage order: the kinds for one layer; ``layer{k}_{kind}`` for
+    each layer (in the order given) and kind with several."""
+    if len(layers) == 1:
+        return kinds
+    return tuple(f"layer{k}_{kind}" for k in layers for kind in kinds)
+
+
+def _names_from_attrs(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """An output's array names from its attributes (pooling, per_residue, layers), as written by embed."""
+    pools = [p for p in str(attrs.get("pooling", "mean")).split(",") if p and p != "none"]
+    kinds = (*pools, *(("per_residue",) if bool(attrs.get("per_residue")) else ()))
+    layers = tuple(int(k) for k in str(attrs.get("layers", "-1")).split(","))
+    return output_names(kinds, layers)
+
+
+def read_output(path: str | os.PathLike) -> StoredOutput:
+    """An embedding output (HDF5 file, `.npy` directory or Parquet file; the format from what `path` is)
+    opened for reading."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / NPY_INDEX).is_file():
+            raise ProtT5nvError(f"{path}: a directory without {NPY_INDEX}, not an output of embed")
+        return StoredOutput(p, "npy")
+    if not p.is_file():
+        raise ProtT5nvError(f"{path}: no such file or directory")
+    with open(p, "rb") as fh:
+        magic = fh.read(8)
+    if magic == b"\x89HDF\r\n\x1a\n":
+        return StoredOutput(p, "h5")
+    if magic[:4] == b"PAR1":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("reading Parquet needs pyarrow: pip install 'prott5nv[parquet]'") from None
+        return StoredOutput(p, "parquet")
+    raise ProtT5nvError(f"{path}: not an HDF5 file, Parquet file or .npy directory written by embed")

@@ -13,6 +13,7 @@ Two families share one implementation (model/t5.py):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,26 @@ class T5Config:
     def max_length(self) -> int | None:
         """Longest encoder input the model can take (None: relative positions have no hard limit)."""
         return self.max_position_embeddings if self.absolute_positions else None
+
+    def encoder_layers(self, layers: int | Sequence[int]) -> tuple[int, ...]:
+        """Encoder layer numbers (fair-esm's ``repr_layers`` convention) as indexes ``0..num_layers``:
+        0 is the embedding output, k the output of block k, ``num_layers`` (or -1) the encoder's output
+        after its final norm (what embeddings are by default); negative numbers count from the end
+        (``-1`` = ``num_layers``, ``-(num_layers + 1)`` = 0). Out of range or repeated layers are refused."""
+        given = [layers] if isinstance(layers, int) else list(layers)
+        n = self.num_layers
+        if not given:
+            raise ConfigError("no layer given")
+        out: list[int] = []
+        for k in given:
+            if isinstance(k, bool) or not isinstance(k, int) or not -(n + 1) <= k <= n:
+                raise ConfigError(f"layer {k!r} is not a layer of this {n}-layer encoder: use 0..{n} or "
+                                  f"-{n + 1}..-1 (0 = the embedding output, -1 = the last, after its final norm)")
+            k = k % (n + 1)
+            if k in out:
+                raise ConfigError(f"layer {k} is given twice (negative numbers count from the end: -1 = {n})")
+            out.append(k)
+        return tuple(out)
 
     # Serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

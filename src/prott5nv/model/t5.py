@@ -16,6 +16,7 @@ layouts and caches for decoding) are not here: :mod:`prott5nv.model.fast` applie
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -454,6 +455,20 @@ class Stack(nn.Module):
             x = block(x, mask, memory, cross, cache[i] if cache is not None else None)
         return self.dropout(self.final_layer_norm(x))
 
+    def hidden_states(self, x: Tensor, key_mask: Tensor | None, layers: Sequence[int]) -> list[Tensor]:
+        """(Encoder) the states after each of `layers`, in that order: 0 = the input `x`, k = block k's
+        output, ``len(blocks)`` = :meth:`forward`'s output (after the final norm). Blocks above the highest
+        layer asked for are not run."""
+        mask, _ = self.masks(x.shape[1], key_mask, None, None, 0, x)
+        x = self.dropout(x)
+        wanted, n = set(layers), len(self.blocks)
+        kept = {0: x} if 0 in wanted else {}
+        for k in range(1, max(layers) + 1):
+            x = self.blocks[k - 1](x, mask)
+            if k in wanted:
+                kept[k] = self.dropout(self.final_layer_norm(x)) if k == n else x
+        return [kept[k] for k in layers]
+
 
 # ----------------------------------------------------------------------------------------------- model
 class T5Model(nn.Module):
@@ -506,6 +521,12 @@ class T5Model(nn.Module):
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Encoder hidden states ``[B, S, d_model]`` after the final norm. `attention_mask`: 1 = real."""
         return self.encoder(self.embeddings(input_ids), attention_mask)
+
+    def encode_layers(self, input_ids: Tensor, attention_mask: Tensor | None, layers: Sequence[int]) -> list[Tensor]:
+        """Encoder hidden states ``[B, S, d_model]`` after each of `layers` (indexes from
+        :meth:`T5Config.encoder_layers`: 0 = the embedding output, k = block k's output, ``num_layers`` =
+        :meth:`encode`'s output, after the final norm -- Hugging Face's ``hidden_states`` numbering)."""
+        return self.encoder.hidden_states(self.embeddings(input_ids), attention_mask, layers)
 
     def decode(
         self,

@@ -206,17 +206,24 @@ def build_router(limits: ServeLimits) -> APIRouter:
 
     @post.post("/v1/embeddings", response_model=EmbeddingsResponse)
     async def embeddings(req: EmbeddingsRequest, s: Dep) -> Response:
-        """Mean-over-residues embedding `(D,)` of each protein; with ``per_residue``, also `(L, D)`."""
+        """Mean-over-residues embedding `(D,)` of each protein; with ``per_residue``, also `(L, D)`; with
+        ``layers``, of each layer: `(layers, D)` and `(layers, L, D)`."""
         tok, limits, policy = s.tokenizer, s.limits, req.policy()
+        layers = None
+        if req.layers is not None:
+            try:
+                layers = s.model.config.encoder_layers(req.layers)
+            except ProtT5nvError as exc:
+                raise RequestError(422, str(exc)) from None
         suffix = tok.num_special_suffix
         tokens = check_sequences(req.ids(), req.seqs(), lambda seq, rid: tok.encode(seq, rid, policy), limits,
                                  lambda t: len(t) - suffix)  # fmt: skip
         if req.per_residue:
-            values = (sum(len(t) for t in tokens) - suffix * len(tokens)) * s.model.embedding_dim
+            values = (sum(len(t) for t in tokens) - suffix * len(tokens)) * s.model.embedding_dim * len(layers or [0])
             if values > limits.max_output_values:
                 raise RequestError(413, f"per-residue output of {values} values; the limit is "
                                    f"{limits.max_output_values} per request (send fewer residues)")  # fmt: skip
-        results = await s.run(lambda: s.batcher.submit_embed(tokens))
+        results = await s.run(lambda: s.batcher.submit_embed(tokens, layers))
 
         def content() -> dict[str, Any]:
             data = []

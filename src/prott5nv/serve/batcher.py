@@ -50,7 +50,8 @@ class QueueFullError(RuntimeError):
 @dataclass
 class EmbeddingResult:
     """One sequence's output: the mean over residues `(D,)` and the per-residue states `(L, D)` (a view
-    into its batch's array, so keeping it costs nothing)."""
+    into its batch's array, so keeping it costs nothing); `(layers, D)` and `(layers, L, D)` when
+    layers were asked for."""
 
     embedding: np.ndarray
     per_residue: np.ndarray
@@ -61,6 +62,7 @@ class _Job:
     kind: str  # "embed" | "score" | "call"
     items: Sequence[Any] = ()  # token-id arrays (embed) or masked samples (score)
     fn: Callable[[], Any] | None = None  # "call" jobs
+    layers: tuple[int, ...] | None = None  # embed jobs: the encoder layers (None: the output)
     future: Future = field(default_factory=Future)
 
     @property
@@ -110,9 +112,10 @@ class DynamicBatcher:
         return self._pending
 
     # ------------------------------------------------------------------------------ submitting
-    def submit_embed(self, token_ids: Sequence[np.ndarray]) -> Future:
-        """Future of a list of :class:`EmbeddingResult`, one per token-id array, in order."""
-        return self._submit(_Job("embed", list(token_ids)))
+    def submit_embed(self, token_ids: Sequence[np.ndarray], layers: tuple[int, ...] | None = None) -> Future:
+        """Future of a list of :class:`EmbeddingResult`, one per token-id array, in order; of the encoder
+        `layers` (indexes 0..num_layers) when given, else of its output."""
+        return self._submit(_Job("embed", list(token_ids), layers=layers))
 
     def submit_score(self, samples: Sequence[T5Sample]) -> Future:
         """Future of ``[(summed NLL, masked residues)]``, one per masked sample, in order."""
@@ -163,7 +166,11 @@ class DynamicBatcher:
                 break
             jobs, stop = self._collect(first)
             start = time.perf_counter()
-            ran = self._run_merged([j for j in jobs if j.kind == "embed"], self._embed_batches)
+            embeds = [j for j in jobs if j.kind == "embed"]
+            ran = 0
+            for layers in dict.fromkeys(j.layers for j in embeds):  # jobs asking for the same layers merge
+                group = [j for j in embeds if j.layers == layers]
+                ran += self._run_merged(group, lambda items, layers=layers: self._embed_batches(items, layers))
             ran += self._run_merged([j for j in jobs if j.kind == "score"], self._score_all)
             for job in (j for j in jobs if j.kind == "call"):
                 if job.future.set_running_or_notify_cancel():  # not if it timed out while it waited
@@ -207,14 +214,19 @@ class DynamicBatcher:
             offset += len(job.items)
         return len(jobs)
 
-    def _embed_batches(self, token_ids: list[np.ndarray]) -> list[EmbeddingResult]:
+    def _embed_batches(
+        self, token_ids: list[np.ndarray], layers: tuple[int, ...] | None = None
+    ) -> list[EmbeddingResult]:
         out: list[EmbeddingResult | None] = [None] * len(token_ids)
         for batch in token_budget_batches([len(t) for t in token_ids], self.batch_tokens):
-            hiddens, mask = self.model.tokens_to_hiddens([token_ids[i] for i in batch])
+            hiddens, mask = self.model.tokens_to_hiddens([token_ids[i] for i in batch], layers)
             pooled = self.model.hiddens_to_embedding(hiddens, mask).cpu().numpy()
             hiddens_np = hiddens.cpu().numpy()
             for j, (i, n) in enumerate(zip(batch, mask.sum(1).tolist(), strict=True)):
-                out[i] = EmbeddingResult(pooled[j], hiddens_np[j, :n])
+                if layers is None:
+                    out[i] = EmbeddingResult(pooled[j], hiddens_np[j, :n])
+                else:
+                    out[i] = EmbeddingResult(pooled[:, j], hiddens_np[:, j, :n])
             self.batches += 1
         return out  # type: ignore[return-value]
 

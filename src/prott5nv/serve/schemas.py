@@ -149,6 +149,11 @@ def request_models(limits: ServeLimits) -> RequestModels:
         model_config = ConfigDict(json_schema_extra={"examples": [example, {**example, "encoding": "base64"}]})
         sequences: Sequences
         per_residue: StrictBool = Field(False, description="also return the (L, D) per-residue states")
+        layers: list[StrictInt] | None = Field(
+            None, min_length=1, description="encoder layers (fair-esm's numbering: 0 = the embedding output, k = "
+            "block k, -1 = the last, after the final norm, negative from the end); given, each array gains a "
+            "leading layer axis: embedding (layers, D), per_residue (layers, L, D)",
+        )  # fmt: skip
         encoding: Literal["json", "base64"] = "json"
 
     class ScoreRequest(SequencesRequest):
@@ -185,8 +190,12 @@ class Base64Array(BaseModel):
 
 class EmbeddingOut(BaseModel):
     id: str
-    embedding: list[float] | Base64Array = Field(description="(D,): the mean over residues")
-    per_residue: list[list[float]] | Base64Array | None = Field(None, description="(L, D), when asked for")
+    embedding: list[float] | list[list[float]] | Base64Array = Field(
+        description="(D,): the mean over residues; (layers, D) when layers are asked for"
+    )
+    per_residue: list[list[float]] | list[list[list[float]]] | Base64Array | None = Field(
+        None, description="(L, D), when asked for; (layers, L, D) with layers"
+    )
 
 
 class EmbeddingsResponse(BaseModel):
