@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="FASTA file (plain or .gz)")
     p.add_argument("-o", "--output", required=True, help="output file or directory (written atomically)")
-    add_model_args(p)
+    add_model_args(p, quantize=True)
     _add_server_args(p)
     _add_output_args(p)
     _add_batching_args(p)

@@ -157,13 +157,21 @@ class DipeptideFeaturizer:
 
 
 def model_fingerprint(model: Any) -> str:
-    """A hash of everything that determines a model's embeddings: weights, tokenizer, compute dtype."""
+    """A hash of everything that determines a model's embeddings: weights, tokenizer, compute dtype,
+    quantization."""
+    import torch
+
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(model.tokenizer.to_dict(), sort_keys=True).encode())
     h.update(str(model.dtype).encode())
+    quantize = getattr(model, "quantize", None)
+    if quantize is not None:
+        h.update(f"quantize:{quantize}".encode())
     for name, t in sorted(model.model.state_dict().items()):
         if name.startswith("decoder.") or name == "lm_head_bias":
             continue  # embeddings use the encoder only
+        if type(t) is not torch.Tensor and hasattr(t, "dequantize"):  # a quantized weight (torchao)
+            t = t.dequantize()
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update((t.float() if t.is_floating_point() else t).numpy().tobytes())
