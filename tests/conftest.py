@@ -123,3 +123,39 @@ def _spm_model_bytes(pieces) -> bytes:
 def spm_model_bytes():
     """`spm_model_bytes(pieces) -> bytes`: a SentencePiece `.model` file with these pieces in id order."""
     return _spm_model_bytes
+
+
+class LiveFloat32:
+    """A dispatch mode recording the most float32 bytes alive at once among the tensors PyTorch operations
+    see (inputs and outputs, counted by storage): how a test tells a loader that holds a float32 copy of the
+    weights from one that converts them one tensor at a time."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    def __enter__(self) -> LiveFloat32:
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        seen: dict[int, tuple[weakref.ref, int]] = {}
+        watch = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves((args, kwargs, out)):
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu":
+                        storage = t.untyped_storage()
+                        seen[storage.data_ptr()] = (weakref.ref(t), storage.nbytes())
+                live = sum(n for ref, n in seen.values() if ref() is not None)
+                watch.peak = max(watch.peak, live)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)

@@ -47,6 +47,31 @@ def test_bfloat16_storage_loads_as_float32(tmp_path, tiny_model):
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_half_precision_load_holds_no_float32_copy(tmp_path, tiny_model, real_proteins):
+    """Loading a float32 checkpoint in bfloat16 reads each tensor straight into bf16 (LayerNorm parameters
+    stay float32): the weights equal the float32 load cast afterwards, and at no moment are more than a
+    small share of the float32 weights alive (the old loader held all of them, then a bf16 copy)."""
+    from conftest import LiveFloat32
+
+    out = save_pretrained(tiny_model.model, tiny_model.tokenizer, tmp_path / "ckpt")
+    full, _ = load_checkpoint(out)
+    with LiveFloat32() as watch:
+        half, _ = load_checkpoint(out, dtype=torch.bfloat16)
+    float32_bytes = sum(p.numel() * 4 for p in full.parameters())
+    norms = {n for n, p in half.named_parameters() if "norm" in n}
+    assert norms and all(p.dtype == torch.float32 for n, p in half.named_parameters() if n in norms)
+    for name, p in half.named_parameters():
+        assert not p.is_meta and p.requires_grad
+        expected = full.get_parameter(name)
+        torch.testing.assert_close(p, expected if name in norms else expected.to(torch.bfloat16), rtol=0, atol=0)
+    norm_bytes = sum(p.numel() * 4 for n, p in half.named_parameters() if n in norms)
+    largest = max(p.numel() * 4 for p in full.parameters())
+    assert watch.peak <= norm_bytes + 2 * largest < float32_bytes / 4  # the tensor read and the one before
+    ids = torch.from_numpy(tiny_model.tokenizer.encode(real_proteins[0][1]))[None]
+    with torch.no_grad():
+        assert torch.isfinite(half.encode(ids).float()).all()
+
+
 def test_overwrite_is_atomic_replacement(tmp_path, tiny_model):
     target = tmp_path / "ckpt"
     save_pretrained(tiny_model.model, tiny_model.tokenizer, target)

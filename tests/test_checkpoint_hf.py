@@ -170,6 +170,23 @@ def test_fp16_weights(tmp_path, batch):
     assert_parity(model, reference, batch)
 
 
+def test_bfloat16_load_reads_straight_into_bfloat16(tmp_path, batch):
+    """An fp32 HF file loaded in bf16: each tensor converted as it is read (never the whole fp32 model
+    alive), the same weights as casting after a float32 load, in every shard."""
+    from conftest import LiveFloat32
+
+    hf = hf_model(T5ForConditionalGeneration)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    full, _ = load_hf(tmp_path)
+    with LiveFloat32() as watch:
+        half, _ = load_checkpoint(tmp_path, dtype=torch.bfloat16)
+    for name, p in half.named_parameters():
+        assert p.dtype == torch.bfloat16
+        torch.testing.assert_close(p, full.get_parameter(name).to(torch.bfloat16), rtol=0, atol=0)
+    assert watch.peak <= max(p.numel() * 4 for p in full.parameters()) * 2
+    assert watch.peak < sum(p.numel() * 4 for p in full.parameters()) / 4
+
+
 def test_sharded_safetensors_and_pytorch_bin(tmp_path, batch):
     hf = hf_model(T5ForConditionalGeneration)
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")

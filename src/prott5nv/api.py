@@ -27,19 +27,10 @@ from .checkpoint import load_checkpoint
 from .device import resolve_device, resolve_dtype
 from .errors import ConfigError, SequenceTooLongError
 from .model.fast import apply_speedups
-from .model.t5 import T5Model
+from .model.quantize import QUANTIZATIONS, int8_unavailable, quantize_encoder
+from .model.t5 import T5Model, cast_weights
 from .sequence import DEFAULT_POLICY, SequencePolicy
 from .tokenizer import ProteinTokenizer
-
-
-def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Store the weights in half precision (half the memory, no per-call casts: ~15% faster than
-    autocast over float32 weights on CPU), except LayerNorm parameters, which stay float32 so the
-    normalisation keeps float32 accuracy (PyTorch's LayerNorm takes a half input with float32 weights)."""
-    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
-    for p in model.parameters():
-        if p.is_floating_point() and id(p) not in norms:
-            p.data = p.data.to(dtype)
 
 
 class ProtT5nv:
@@ -53,12 +44,22 @@ class ProtT5nv:
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype | None = None,
         name: str = "",
+        quantize: str | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.quantize = quantize
+        if quantize is not None:  # refuse before any work where it cannot run fast
+            if quantize not in QUANTIZATIONS:
+                raise ConfigError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+            reason = int8_unavailable(self.device)
+            if reason:
+                raise ConfigError(reason)
         self.model = apply_speedups(model.to(self.device).eval())
         if self.dtype != torch.float32:
             cast_weights(self.model, self.dtype)
+        if quantize is not None:
+            quantize_encoder(self.model, quantize)
         self.tokenizer = tokenizer
         self.name = name
 
@@ -79,9 +80,11 @@ class ProtT5nv:
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
         """Inference mode, and autocast for half precision (weights are already cast, see
-        :func:`cast_weights`; autocast covers the float32 LayerNorm outputs and any other float32 input)."""
+        :func:`cast_weights`; autocast covers the float32 LayerNorm outputs and any other float32 input).
+        A quantized model runs without autocast: its weights are in the compute dtype already, and its
+        compiled int8 layers take the activations as they come."""
         with torch.inference_mode():
-            if self.dtype == torch.float32:
+            if self.dtype == torch.float32 or self.quantize is not None:
                 yield
             else:
                 with torch.autocast(self.device.type, dtype=self.dtype):
@@ -185,13 +188,19 @@ class ProtT5nv:
 
     def fingerprint(self) -> str:
         """A hash of everything that determines this model's embeddings: the encoder's weights, the
-        tokenizer and the compute dtype (computed on each call: the weights may have changed)."""
+        tokenizer, the compute dtype and the quantization (computed on each call: the weights may have
+        changed)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps(self.tokenizer.to_dict(), sort_keys=True).encode())
         h.update(str(self.dtype).encode())
+        quantize = getattr(self, "quantize", None)
+        if quantize is not None:
+            h.update(f"quantize:{quantize}".encode())
         for name, t in sorted(self.model.state_dict().items()):
             if name.startswith("decoder.") or name == "lm_head_bias":
                 continue  # embeddings use the encoder only
+            if type(t) is not torch.Tensor and hasattr(t, "dequantize"):  # a quantized weight (torchao)
+                t = t.dequantize()
             t = t.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update((t.float() if t.is_floating_point() else t).numpy().tobytes())
@@ -287,11 +296,18 @@ def load(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
     sentinels: str | None = None,
+    quantize: str | None = None,
 ) -> ProtT5nv:
     """Load a bundled model by name, a native checkpoint directory, a `.nemo` archive or an HF T5
     directory. `device` "auto" picks CUDA when available; `dtype` "bfloat16"/"float16" stores the weights
     in that precision (LayerNorms stay float32) and runs under autocast; "auto" is bfloat16 where the
     device supports it, else float32. `sentinels` ("distinct" or "collapsed") overrides the sentinel
-    layout a `.nemo` archive is read with (see :func:`~prott5nv.checkpoint.load_checkpoint`)."""
-    model, tokenizer = load_checkpoint(name_or_path, sentinels=sentinels)
-    return ProtT5nv(model, tokenizer, device=device, dtype=dtype, name=str(name_or_path))
+    layout a `.nemo` archive is read with (see :func:`~prott5nv.checkpoint.load_checkpoint`). `quantize`
+    "int8" runs the encoder's linear layers in int8 on CPU (:mod:`prott5nv.model.quantize`; needs torchao
+    and a CPU with AVX512-VNNI or AMX, else a ConfigError says why, before the weights are read)."""
+    dev = resolve_device(device)
+    if quantize is not None and quantize in QUANTIZATIONS and (reason := int8_unavailable(dev)):
+        raise ConfigError(reason)
+    dtype = resolve_dtype(dtype, dev)
+    model, tokenizer = load_checkpoint(name_or_path, sentinels=sentinels, dtype=dtype)  # read straight into dtype
+    return ProtT5nv(model, tokenizer, device=dev, dtype=dtype, name=str(name_or_path), quantize=quantize)

@@ -17,8 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import CheckpointError, ConfigError
-from ..model.t5 import T5Model
+from ..model.t5 import T5Model, cast_weights
 from ..tokenizer import ProteinTokenizer
 from ._common import load_state_dict_strict, read_json
 from .native import FORMAT, FORMAT_VERSION, load_native, save_pretrained, write_native
@@ -88,30 +90,34 @@ def provenance(name_or_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    name_or_path: str | os.PathLike, *, sentinels: str | None = None
+    name_or_path: str | os.PathLike, *, sentinels: str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[T5Model, ProteinTokenizer]:
-    """Model (in eval mode, fp32, on CPU) and tokenizer from a bundled name, a native directory, a
-    `.nemo` archive or an HF T5 directory. `sentinels` ("distinct" or "collapsed") forces the sentinel
-    layout of a `.nemo` archive (see :func:`.nemo.decide_sentinels`); other formats record theirs, so
-    there it may only repeat it."""
+    """Model (in eval mode, on CPU) and tokenizer from a bundled name, a native directory, a `.nemo` archive
+    or an HF T5 directory. `dtype` (default float32) is the precision the weights are stored in
+    (:func:`~prott5nv.model.t5.weight_dtypes`); native and HF safetensors weights are read one tensor at a
+    time straight into it, so a half-precision load never holds a float32 copy. `sentinels` ("distinct" or
+    "collapsed") forces the sentinel layout of a `.nemo` archive (see :func:`.nemo.decide_sentinels`); other
+    formats record theirs, so there it may only repeat it."""
     if sentinels not in (None, "distinct", "collapsed"):
         raise ConfigError(f"unknown sentinel layout {sentinels!r} (distinct or collapsed)")
     path = resolve(name_or_path)
     fmt = detect_format(path)
     log.debug("loading %s checkpoint from %s", fmt, path)
+    dtype = dtype or torch.float32
     if fmt == "native":
-        model, tokenizer = load_native(path)
+        model, tokenizer = load_native(path, dtype)
     elif fmt == "nemo":
         from .nemo import load_nemo
 
         model, tokenizer = load_nemo(path, sentinels=sentinels)
+        cast_weights(model, dtype)
     else:
         from .hf import load_hf
 
-        model, tokenizer = load_hf(path)
+        model, tokenizer = load_hf(path, dtype)
     if fmt != "nemo" and sentinels is not None and sentinels != tokenizer.sentinels:
         raise ConfigError(
             f"{path}: the sentinel layout can only be chosen for .nemo archives; this {fmt} checkpoint's "
             f"tokenizer has {tokenizer.sentinels} sentinels"
         )
-    return model.float().eval(), tokenizer
+    return model.eval(), tokenizer

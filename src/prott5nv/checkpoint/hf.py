@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
@@ -37,7 +36,7 @@ from ..fsutil import atomic_directory
 from ..model.config import T5Config
 from ..model.t5 import T5Model
 from ..tokenizer import ROSTLAB_PIECES, ProteinTokenizer
-from ._common import KeyRule, apply_rules, load_state_dict_strict
+from ._common import KeyRule, LazyTensors, apply_rules, empty_model, load_state_dict_strict
 from .sentencepiece import read_pieces
 
 log = logging.getLogger(__name__)
@@ -196,12 +195,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_weight_file(path: Path) -> dict[str, Tensor]:
+def _load_bin(path: Path) -> dict[str, Tensor]:
+    """A ``pytorch_model.bin`` as plain tensors (``weights_only``: no code runs), memory-mapped."""
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, SafetensorError) as exc:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except OSError as exc:
         raise CheckpointError(f"{path}: cannot read weights: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - an unpickling failure: refuse rather than run code
         raise CheckpointError(f"{path}: cannot read as plain tensors (weights_only=True): {exc}") from None
@@ -210,27 +208,35 @@ def _load_weight_file(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def read_hf_state(path: Path) -> dict[str, Tensor]:
-    """All weights of an HF directory: a single safetensors/bin file or the shards an index names."""
+def read_hf_state(path: Path, dtype: torch.dtype | None = None) -> LazyTensors:
+    """All weights of an HF directory -- a single safetensors/bin file or the shards an index names -- as a
+    :class:`~._common.LazyTensors` (safetensors tensors read when looked up; floating ones converted to
+    `dtype`)."""
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return _load_weight_file(path / name)
+        files = [path / name] if (path / name).is_file() else None
         index = path / f"{name}.index.json"
-        if index.is_file():
+        if files is None and index.is_file():
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no weight_map")
-            state: dict[str, Tensor] = {}
+            files = []
             for shard in sorted(set(weight_map.values())):
                 shard_path = path / shard
                 if not shard_path.is_file() or shard_path.parent != path:
                     raise CheckpointError(f"{index}: shard {shard!r} is missing")
-                state.update(_load_weight_file(shard_path))
-            return state
+                files.append(shard_path)
+        if files is None:
+            continue
+        if name.endswith(".safetensors"):
+            return LazyTensors(files, dtype)
+        state: dict[str, Tensor] = {}
+        for file in files:
+            state.update(_load_bin(file))
+        return LazyTensors((), dtype, extra=state)
     raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (or sharded index) found")
 
 
-def _check_aliases(state: dict[str, Tensor], config: T5Config, source: str) -> dict[str, Any]:
+def _check_aliases(state: LazyTensors, config: T5Config, source: str) -> dict[str, Any]:
     """HF's aliases of the word table must hold the same values; returns notes for ``config.extra``."""
     notes: dict[str, Any] = {}
     shared = state.get("shared.weight")
@@ -263,12 +269,14 @@ def _check_tokenizer_files(path: Path, tokenizer: ProteinTokenizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_hf(path: str | os.PathLike) -> tuple[T5Model, ProteinTokenizer]:
-    """Model and tokenizer from an HF T5 directory (full or encoder-only; fp32, fp16 or bf16 weights)."""
+def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[T5Model, ProteinTokenizer]:
+    """Model and tokenizer from an HF T5 directory (full or encoder-only; fp32, fp16 or bf16 weights). The
+    weights are read one tensor at a time straight into `dtype` (None: float32), so loading holds no
+    float32 copy of a model wanted in half precision (the t5 family has no LayerNorm kept in float32)."""
     path = Path(path)
     cfg_path = path / "config.json"
     d = _read_json(cfg_path)
-    state = read_hf_state(path)
+    state = read_hf_state(path, dtype or torch.float32)
     has_decoder = any(k.startswith("decoder.block.") for k in state)
     config = config_from_hf(d, has_decoder=has_decoder, source=str(cfg_path))
 
@@ -294,10 +302,10 @@ def load_hf(path: str | os.PathLike) -> tuple[T5Model, ProteinTokenizer]:
     if not has_decoder:  # encoder-only: a stray lm_head is meaningless
         ignored.add("lm_head.weight")
     if has_decoder and not config.tie_word_embeddings and "lm_head.weight" not in state and "shared.weight" in state:
-        state = {**state, "lm_head.weight": state["shared.weight"]}  # unscaled head on the shared table
+        state = state.with_extra({"lm_head.weight": state["shared.weight"]})  # unscaled head on the shared table
     ours = apply_rules(state, hf_rules(config), source=source, ignore=ignored.__contains__)
-    model = T5Model(config)
-    load_state_dict_strict(model, ours, source=source)
+    model = empty_model(config)
+    load_state_dict_strict(model, ours, source=source, dtype=dtype or torch.float32)
     return model, tokenizer
 
 

@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
 from ..fsutil import atomic_directory
 from ..model.config import T5Config
 from ..model.t5 import T5Model
 from ..tokenizer import ProteinTokenizer
-from ._common import load_state_dict_strict, read_json
+from ._common import LazyTensors, empty_model, load_state_dict_strict, read_json
 
 FORMAT = "prott5nv"
 FORMAT_VERSION = 1
@@ -63,7 +62,10 @@ def save_pretrained(
     return Path(path)
 
 
-def load_native(path: Path) -> tuple[T5Model, ProteinTokenizer]:
+def load_native(path: Path, dtype: torch.dtype | None = None) -> tuple[T5Model, ProteinTokenizer]:
+    """Model (on CPU) and tokenizer of a native checkpoint directory. The weights are read one
+    tensor at a time straight into `dtype` (see :func:`~prott5nv.model.t5.weight_dtypes`; None: float32):
+    no float32 copy of a model loaded in half precision is ever held."""
     data = read_json(path / "config.json")
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
@@ -80,10 +82,6 @@ def load_native(path: Path) -> tuple[T5Model, ProteinTokenizer]:
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
         )
     weights = path / "model.safetensors"
-    try:
-        state = load_file(str(weights))
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"{weights}: cannot read weights: {exc}") from None
-    model = T5Model(config)
-    load_state_dict_strict(model, state, source=str(weights))
+    model = empty_model(config)
+    load_state_dict_strict(model, LazyTensors([weights]), source=str(weights), dtype=dtype or torch.float32)
     return model, tokenizer

@@ -44,9 +44,11 @@ def with_default(help_: str, default: object) -> str:
 
 
 def add_model_args(
-    p: argparse.ArgumentParser, *, default_model: str = "prott5nv-demo", decoding: bool = False
-) -> None:
-    """--model, --device, --dtype; and --sentinels for the commands that run the decoder (`decoding`)."""
+    p: argparse.ArgumentParser, *, default_model: str = "prott5nv-demo", decoding: bool = False,
+    quantize: bool = False,
+) -> None:  # fmt: skip
+    """--model, --device, --dtype; --sentinels for the commands that run the decoder (`decoding`);
+    --quantize for those that only run the encoder (`quantize`)."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--model", default=default_model,
@@ -60,6 +62,13 @@ def add_model_args(
         "where supported -- CUDA, CPUs with AVX512-BF16/AMX -- else float32; the aliases "
         f"{', '.join(ALIASES)} are accepted)",
     )  # fmt: skip
+    if quantize:
+        g.add_argument(
+            "--quantize", choices=["int8"], default=None,
+            help="int8: the encoder's linear layers in int8 (weights per channel, activations per token; torchao, "
+            "compiled once per run). CPU only, with AVX512-VNNI or AMX; install with pip install 'prott5nv[int8]'. "
+            "Pair it with --dtype bfloat16 (the other layers' precision)",
+        )  # fmt: skip
     if decoding:
         g.add_argument(
             "--sentinels", choices=["distinct", "collapsed"], default=None,
@@ -121,4 +130,5 @@ def load_model(args: argparse.Namespace) -> ProtT5nv:
     from ..api import load
 
     sentinels = getattr(args, "sentinels", None)  # the decoding commands' --sentinels
-    return load(args.model, device=args.device, dtype=args.dtype, sentinels=sentinels)
+    quantize = getattr(args, "quantize", None)  # the encoder-only commands' --quantize
+    return load(args.model, device=args.device, dtype=args.dtype, sentinels=sentinels, quantize=quantize)

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$")  # `--layers -1,6` is a value, not a flag
     p.add_argument("input", help="FASTA file (plain or .gz)")
     p.add_argument("-o", "--output", required=True, help="output file or directory (written atomically)")
-    add_model_args(p)
+    add_model_args(p, quantize=True)
     _add_server_args(p)
     _add_output_args(p)
     _add_batching_args(p)

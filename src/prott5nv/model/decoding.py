@@ -79,13 +79,17 @@ class GenerationOutput:
     EOS. `lengths` ``[N]``: tokens generated per row (EOS included). `token_logprobs` ``[N, T]``: log-prob
     of each chosen token under the model (after logits processors, before temperature/top-k/top-p; 0 at
     padding). `scores` ``[N]``: greedy/sampling: the sum of `token_logprobs`; beam search: that sum
-    divided by ``length ** length_penalty`` (transformers' `sequences_scores`).
+    divided by ``length ** length_penalty`` (transformers' `sequences_scores`). Speculative greedy decoding
+    also counts its work: `passes`, the model's verification passes, and `accepted`, the drafted tokens
+    kept (so ``sequences.shape[1] / passes`` tokens per pass; None for the other algorithms).
     """
 
     sequences: Tensor
     lengths: Tensor
     token_logprobs: Tensor
     scores: Tensor
+    passes: int | None = None
+    accepted: int | None = None
 
 
 # -------------------------------------------------------------------------------------- the stepper

@@ -74,6 +74,7 @@ def greedy_speculative(
     agrees with, then `main`'s own next token; both caches forget what was not kept."""
     assert main.cache is not None and draft.cache is not None
     out = Emitted(main.memory.shape[0], start_id, eos_id, pad_id, main.memory.device)
+    passes = kept = 0
     while len(out) < cfg.max_new_tokens and not bool(out.done.all()):
         k = min(cfg.draft_tokens, cfg.max_new_tokens - len(out))
         proposal = known = out.tokens
@@ -83,6 +84,7 @@ def greedy_speculative(
         best = logits.argmax(-1)
         agree = (best[:, :k] == proposal[:, known.shape[1] :]) | out.done[:, None]
         accepted = int(agree.long().cumprod(1).sum(1).min())
+        passes, kept = passes + 1, kept + accepted
         logp = logits.log_softmax(-1)
         for j in range(accepted + 1):
             if len(out) == cfg.max_new_tokens or bool(out.done.all()):
@@ -90,5 +92,7 @@ def greedy_speculative(
             out.append(best[:, j], logp[:, j])
         main.cache.truncate(known.shape[1] + accepted)
         draft.cache.truncate(known.shape[1] + accepted)
-    return out.output()
+    result = out.output()
+    result.passes, result.accepted = passes, kept
+    return result
 
