@@ -3,7 +3,6 @@ output formats, sharding over processes, ONNX export. Real proteins from tests/d
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_DIM, PROTEOME, SAMPLE_FASTA, SWISSPROT
+from conftest import DEMO_DIM, PROTEOME, SAMPLE_FASTA, SWISSPROT, copy_first_records
 
 import prott5nv
 from prott5nv.cli import main
@@ -33,17 +32,6 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "prott5nv", *map(str, args)]
 
 
-def first_records(path: Path, n: int, out: Path) -> Path:
-    """The first `n` records of a real FASTA file, copied verbatim."""
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
-    count = 0
-    with opener(path, "rt") as src, open(out, "w") as dst:
-        for line in src:
-            count += line.startswith(">")
-            if count > n:
-                break
-            dst.write(line)
-    return out
 
 
 def read_h5(path: Path) -> dict[str, np.ndarray]:
@@ -55,7 +43,7 @@ def read_h5(path: Path) -> dict[str, np.ndarray]:
 def test_sigkill_and_ctrl_c_then_resume_gives_the_uninterrupted_file(tmp_path, tiny_checkpoint):
     """Interrupt a run twice (SIGINT, then SIGKILL mid-write), rerun the same command: the finished file
     has the same datasets and bit-identical values as an uninterrupted run, and nothing is recomputed."""
-    fasta = first_records(SWISSPROT, 250, tmp_path / "sp250.fasta")
+    fasta = copy_first_records(SWISSPROT, 250, tmp_path / "sp250.fasta")
     flags = ["--per-residue", "--pooling", "mean,max", "--chunk", "--batch-tokens", "1024", "--window", "100",
              "--threads", "1", "--model", str(tiny_checkpoint)]  # fmt: skip
     whole, resumed = tmp_path / "whole.h5", tmp_path / "resumed.h5"
@@ -120,7 +108,7 @@ def test_torn_journal_line_is_dropped_on_resume(tmp_path):
 
 
 def test_resume_with_other_settings_refused_then_restart(tmp_path, capsys):
-    fasta = first_records(PROTEOME, 20, tmp_path / "p.faa")
+    fasta = copy_first_records(PROTEOME, 20, tmp_path / "p.faa")
     out = tmp_path / "o.h5"
     run = PartialRun(out, {"stale": True})  # an interrupted run made with other settings
     run.open(20)
@@ -214,7 +202,7 @@ def test_chunked_equals_unchunked_for_short_and_windows_for_long(tmp_path):
 
 # ------------------------------------------------------------------------------------------- batches
 def test_same_protein_same_embedding_whatever_its_batch(tmp_path):
-    fasta = first_records(SAMPLE_FASTA, 48, tmp_path / "s.fasta")
+    fasta = copy_first_records(SAMPLE_FASTA, 48, tmp_path / "s.fasta")
     alone, together = tmp_path / "alone.h5", tmp_path / "together.h5"
     assert main(["embed", str(fasta), "-o", str(alone), "--batch-tokens", "1"]) == 0
     assert main(["embed", str(fasta), "-o", str(together), "--batch-tokens", "100000"]) == 0
@@ -259,7 +247,7 @@ def test_every_format_reads_back_the_same_values(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- shards
 def test_two_processes_by_torchrun_merge_into_one_file(tmp_path, tiny_checkpoint):
-    fasta = first_records(PROTEOME, 301, tmp_path / "p.faa")
+    fasta = copy_first_records(PROTEOME, 301, tmp_path / "p.faa")
     single, sharded = tmp_path / "single.h5", tmp_path / "sharded.h5"
     flags = ["--truncate", "--threads", "1", "--model", str(tiny_checkpoint)]
     subprocess.run(cli("embed", fasta, "-o", single, *flags), env=ENV, check=True, capture_output=True)
@@ -277,7 +265,7 @@ def test_two_processes_by_torchrun_merge_into_one_file(tmp_path, tiny_checkpoint
 
 def test_shard_of_each_rank_is_every_world_size_th_record(tmp_path):
     """Rank r embeds records r, r+W, ...; rank 0 waits for all ranks, then merges (file barrier)."""
-    fasta = first_records(SAMPLE_FASTA, 10, tmp_path / "s.fasta")
+    fasta = copy_first_records(SAMPLE_FASTA, 10, tmp_path / "s.fasta")
     model = prott5nv.load("prott5nv-demo")
     out = tmp_path / "o.h5"
     embed_fasta(model, fasta, out, EmbedOptions(rank=1, world_size=3))

@@ -5,14 +5,13 @@ resumes, and bad sets of shards are refused in one line. Real proteins from test
 from __future__ import annotations
 
 import filecmp
-import gzip
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import SWISSPROT
+from conftest import SWISSPROT, copy_first_records
 
 import prott5nv
 from prott5nv.cli import main
@@ -28,16 +27,6 @@ OPTIONS = dict(max_length=200, long_policy="truncate", window=7, batch_tokens=10
 EXT = {"h5": ".h5", "npy": "", "parquet": ".parquet"}
 
 
-def first_records(n: int, out: Path) -> Path:
-    """The first `n` records of the Swiss-Prot test file, copied verbatim."""
-    count = 0
-    with gzip.open(SWISSPROT, "rt") as src, open(out, "w") as dst:
-        for line in src:
-            count += line.startswith(">")
-            if count > n:
-                break
-            dst.write(line)
-    return out
 
 
 def h5_contents(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, dict]]]:
@@ -104,7 +93,7 @@ def test_each_layer_is_its_module_output_and_the_last_is_the_default(tiny_model,
 def test_two_layer_layout_of_each_format(tmp_path, tiny_checkpoint, fmt):
     """Several layers: one output per layer and kind, named layer{k}_{kind}; the last layer's outputs are
     the default run's, bit for bit; layer 0 is the embedding output."""
-    fasta = first_records(12, tmp_path / "sp12.fasta")
+    fasta = copy_first_records(SWISSPROT, 12, tmp_path / "sp12.fasta")
     out, default = tmp_path / f"two{EXT[fmt]}", tmp_path / "default.h5"
     flags = [*FLAGS, "--model", str(tiny_checkpoint), "--pooling", "mean", "--per-residue"]
     assert main(["embed", str(fasta), "-o", str(out), *flags, "--layers", "-1,0"]) == 0
@@ -144,7 +133,7 @@ def test_two_layer_layout_of_each_format(tmp_path, tiny_checkpoint, fmt):
 
 
 def test_resume_with_other_layers_is_refused(tmp_path, tiny_checkpoint, capsys):
-    fasta = first_records(30, tmp_path / "sp30.fasta")
+    fasta = copy_first_records(SWISSPROT, 30, tmp_path / "sp30.fasta")
     out = tmp_path / "o.h5"
     model = prott5nv.load(str(tiny_checkpoint))
 
@@ -172,7 +161,7 @@ def test_shards_are_whole_windows_dealt_round_robin():
 
 @pytest.mark.parametrize("fmt", list(EXT))
 def test_four_shards_one_killed_and_rerun_merge_into_the_one_process_output(tmp_path, tiny_checkpoint, fmt, capsys):
-    fasta = first_records(60, tmp_path / "sp60.fasta")
+    fasta = copy_first_records(SWISSPROT, 60, tmp_path / "sp60.fasta")
     flags = [*FLAGS, "--model", str(tiny_checkpoint), "--pooling", "mean,max", "--per-residue", "--layers", "-1,1"]
     one = tmp_path / f"one{EXT[fmt]}"
     assert main(["embed", str(fasta), "-o", str(one), *flags]) == 0
@@ -208,7 +197,7 @@ def test_four_shards_one_killed_and_rerun_merge_into_the_one_process_output(tmp_
 def h5_shards(tmp_path_factory, tiny_checkpoint):
     """Four complete HDF5 shards of 30 real proteins (windows of 7: 2, 1, 1 and 1 windows)."""
     tmp = tmp_path_factory.mktemp("shards")
-    fasta = first_records(30, tmp / "sp30.fasta")
+    fasta = copy_first_records(SWISSPROT, 30, tmp / "sp30.fasta")
     flags = [*FLAGS, "--model", str(tiny_checkpoint)]
     parts = [tmp / f"part{k}.h5" for k in range(1, 5)]
     for k, part in enumerate(parts, 1):
@@ -250,7 +239,7 @@ def test_merge_refuses_missing_repeated_mismatched_and_altered_shards(h5_shards,
 def test_empty_shards_still_merge(tmp_path, tiny_checkpoint, caplog):
     """An input of fewer windows than shards leaves shards empty (a warning says why); they merge (Parquet:
     the format whose empty file needs the schema)."""
-    fasta = first_records(10, tmp_path / "sp10.fasta")
+    fasta = copy_first_records(SWISSPROT, 10, tmp_path / "sp10.fasta")
     flags = [*FLAGS, "--model", str(tiny_checkpoint), "--window", "8"]  # 2 windows for 3 shards
     parts = [tmp_path / f"p{k}.parquet" for k in range(1, 4)]
     for k, part in enumerate(parts, 1):
