@@ -63,7 +63,7 @@ class Server:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
                     if json.loads(r.read())["status"] == "ok":
                         return
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # not up yet, or slow on a busy machine
                 time.sleep(0.2)
         raise AssertionError(f"server not ready after {timeout} s: {self.log.read_text()[-2000:]}")
 
