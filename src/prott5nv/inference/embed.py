@@ -451,9 +451,8 @@ def _merge(
     pooled = sum(k != "per_residue" for k in kinds)
     with open_writer(fmt, output_path, output_names(kinds, layers), attrs, dim=dim) as writer:
         for stored in run.in_order(order):
-            per = stored.data.size // len(layers)
-            dim = per // (pooled + (stored.length if "per_residue" in kinds else 0))
-            outputs = split_outputs(stored.data, kinds, stored.length, dim, layers)
+            width = stored.data.size // len(layers) // (pooled + (stored.length if "per_residue" in kinds else 0))
+            outputs = split_outputs(stored.data, kinds, stored.length, width, layers)
             writer.write(stored.record, stored.id, stored.length, outputs)
             proteins += 1
             residues += stored.length
