@@ -203,7 +203,7 @@ def test_step0_baseline_is_the_runs_exact_initial_network(data_dir, tmp_path):
 def _torchrun(nproc: int, *args: object, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "prott5nv", "pretrain", *map(str, args)]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_two_ranks_match_one_rank_with_same_global_batch(data_dir, tmp_path):
@@ -333,6 +333,7 @@ def test_config_file_recorded_and_overridden(data_dir, tmp_path):
         (["--resume"], "--resume: no checkpoint in"),
         (["--position-init", "rope"], "position_init 'rope': choose one of normal, sinusoidal"),
         (["--position-init", "sinusoidal", "--model-override", "family=t5"], "the t5 family has no position table"),
+        (["--position-init", "local"], "the megatron family has no relative attention bias"),
     ],
 )
 def test_inconsistent_settings_are_clear_errors(data_dir, tmp_path, capsys, extra, message):
@@ -375,3 +376,23 @@ def test_sinusoidal_position_init_gives_a_relative_structure():
     torch.testing.assert_close(turn, turn[:1].expand_as(turn), atol=1e-5, rtol=1e-5)  # fp32 table
     fresh, _ = build_model(TrainConfig(preset="tiny"))
     assert not torch.allclose(fresh.embeddings.position_embeddings.weight, table)
+
+
+def test_local_position_init_adds_alibi_slopes_to_the_relative_bias():
+    """`position_init: local` (t5 family) = the seeded random bias table minus slope_h x |offset|, slopes
+    2^(-8h/H): head 1 of 4 starts with weight e^-1 at 4 residues, head 4 nearly flat; encoder and decoder;
+    still trained. The same seed without it gives the plain table."""
+    from prott5nv.train.trainer import build_model
+
+    def bias_of(init: str) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        model, _ = build_model(TrainConfig(preset="tiny", model={"family": "t5"}, position_init=init))
+        stacks = [model.encoder.relative_bias, model.decoder.relative_bias]
+        assert all(b.relative_attention_bias.weight.requires_grad for b in stacks)
+        return [b(8, 8)[0, :, 7, :].detach() for b in stacks]  # [heads, keys 0..7] for query 7: offsets -7..0
+
+    heads = preset("tiny").num_heads
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+    expected = -slopes[:, None] * torch.arange(7.0, -1.0, -1.0)[None, :]  # distances 7..0 (exact buckets)
+    for local, plain in zip(bias_of("local"), bias_of("normal"), strict=True):
+        torch.testing.assert_close(local - plain, expected)

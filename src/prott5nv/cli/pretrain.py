@@ -25,8 +25,9 @@ FLAGS: list[tuple[str, type, str]] = [
     ("out", str, "run directory (checkpoints, metrics.jsonl, config.yaml, final model/)"),
     ("preset", str, "model shape: tiny, small, prott5nv-base"),
     ("init_from", str, "start from these weights (native, .nemo or HF) with a fresh optimizer"),
-    ("position_init", str, "position table of a fresh model: normal (NeMo's) or sinusoidal (sin/cos "
-     "start, still trained: attention finds neighbours sooner)"),
+    ("position_init", str, "positions of a fresh model: normal (NeMo's), sinusoidal (megatron family: "
+     "sin/cos start of the table) or local (t5 family: relative bias starts with ALiBi's locality "
+     "prior); both still trained, attention finds neighbours sooner"),
     ("max_steps", int, "optimizer steps"),
     ("max_minutes", float, "also stop after this many minutes of training (checkpoint and model saved; "
      "rerunning resumes)"),
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
         probe = PretrainProbe(cfg.probe_task, seed=cfg.seed)
     trainer = Pretrainer(cfg, resume=True if args.resume else None, probe=probe)
+    clean = False
     try:
         show = trainer.info.is_main
         bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="pretrain", unit="step", disable=not show,
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         if show:
             print(summary.line())
+        clean = True
     finally:
-        trainer.close()
+        trainer.close(clean)
     return 0

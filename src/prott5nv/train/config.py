@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..model.config import dataclass_from_dict
 from ..precision import canonical_precision
 
-POSITION_INITS = ("normal", "sinusoidal")
+POSITION_INITS = ("normal", "sinusoidal", "local")
 OBJECTIVES = ("span", "denoise", "mixed")  # see data/masking.py
 
 
@@ -24,7 +24,8 @@ class TrainConfig:
     preset: str = "small"  # model shape (see model/config.py PRESETS)
     model: dict[str, Any] = field(default_factory=dict)  # T5Config overrides, e.g. {"num_layers": 4}
     init_from: str | None = None  # start from these weights (native, .nemo or HF), fresh optimizer
-    position_init: str = "normal"  # fresh models: NeMo's normal(std) position table, or "sinusoidal"
+    position_init: str = "normal"  # fresh models: NeMo's normal(std) position table, "sinusoidal", or "local"
+    # (t5 family: relative attention bias starts with ALiBi's locality prior)
     max_steps: int = 1000
     max_minutes: float | None = None  # also stop (checkpoint, export) after this much training time
     micro_batch_size: int = 12

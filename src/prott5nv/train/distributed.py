@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,19 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
+def shutdown_distributed(clean: bool = True) -> None:
+    """Leave the process group without hanging at exit.
+
+    Seen in CI and reproduced here (1 run in 6): a finished 2-rank gloo run whose rank 1 never exits. Its
+    main thread, holding the GIL, frees the DDP reducer, whose gloo destructor joins a worker thread that
+    is itself waiting for the GIL to free the last collective's tensors (pytorch#75097, #179291). So every
+    rank first meets at a barrier (the others may still be writing), then sleeps briefly with the GIL
+    released so that the workers finish freeing their collectives, then destroys the group. After a
+    failure the group is left alone: a barrier would wait for ranks that may never arrive, and torchrun
+    stops the others."""
+    if dist.is_initialized() and clean:
+        dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -101,6 +101,10 @@ def build_model(cfg: TrainConfig) -> tuple[T5Model, ProteinTokenizer]:
             if not config.absolute_positions:
                 raise ConfigError(f"position_init sinusoidal: the {config.family} family has no position table")
             model.embeddings.init_positions_sinusoidal(config.initializer_std)
+        elif cfg.position_init == "local":
+            if config.absolute_positions:
+                raise ConfigError(f"position_init local: the {config.family} family has no relative attention bias")
+            model.init_locality_prior()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary {model.config.vocab_size}"
@@ -505,5 +509,7 @@ class Pretrainer:
             model_dir=str(model_dir),
         )  # fmt: skip
 
-    def close(self) -> None:
-        shutdown_distributed()
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group (see `shutdown_distributed`; `clean=False` after a failure)."""
+        shutdown_distributed(clean)
+        self.ddp = None  # the reducer's reference to the (now destroyed) group goes here, not at exit
