@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 import warnings
 
 import torch
@@ -49,6 +51,10 @@ def int8_unavailable(device: torch.device) -> str | None:
     if not (_cpu_has("vnni") or _cpu_has("amx_tile")):
         return ("int8 quantization needs a CPU with AVX512-VNNI or AMX-INT8 (int8 dot products), which this one "
                 "lacks: int8 would be slower than --dtype bfloat16 or float32 here")  # fmt: skip
+    compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if not any(shutil.which(c) for c in compilers):
+        return ("int8 quantization compiles its kernels (torch.compile) and needs a C++ compiler: install g++ or "
+                "clang++ (or set CXX)")  # fmt: skip
     return None
 
 
