@@ -68,10 +68,17 @@ def quantize_encoder(model: T5Model, scheme: str = "int8", *, compile: bool = Tr
     weights in the dtype it will compute in (bf16), and run without autocast."""
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchao's import notes (its CUDA-only extensions, deprecations)
-        logging.getLogger("torchao").setLevel(logging.ERROR)
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        finally:
+            for q, level in zip(quiet, levels, strict=True):
+                q.setLevel(level)
 
     linears = [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
     quantize_(model.encoder, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, _: isinstance(m, nn.Linear))
