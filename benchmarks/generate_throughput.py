@@ -80,6 +80,8 @@ def main() -> None:
                     "pass on the model's own tasks, no transformers")  # fmt: skip
     ap.add_argument("--tasks", nargs="+", choices=["span", "denoise"], default=["span", "denoise"])
     ap.add_argument("--draft-tokens", type=int, default=GenerationConfig.draft_tokens)
+    ap.add_argument("--min-acceptance", type=float, default=GenerationConfig.min_acceptance,
+                    help="share of drafted tokens below which speculation gives up after 4 passes (0: never)")
     args = ap.parse_args()
     if args.model:
         trained(args)
@@ -102,12 +104,15 @@ def main() -> None:
         measure(ours, hf, input_ids, mask, args)
 
 
-def speculation(stats: GenerationOutput, plain_seconds: float, seconds: float, draft_tokens: int) -> str:
+def speculation(stats: GenerationOutput, plain_seconds: float, seconds: float, args: argparse.Namespace) -> str:
     """The draft's acceptance and the speed-up over one token per pass, as one line's tail."""
-    steps = stats.sequences.shape[1]
-    return (f"draft kept {stats.accepted / stats.passes:.2f} of {draft_tokens} per pass "
-            f"({stats.accepted / (stats.passes * draft_tokens):.0%}), {steps / stats.passes:.2f} tokens per pass, "
-            f"speed-up {plain_seconds / seconds:.2f}x over one token per pass")  # fmt: skip
+    draft_tokens = args.draft_tokens
+    gave_up = (stats.passes >= GenerationConfig.speculation_trial
+               and stats.accepted < args.min_acceptance * stats.proposed)  # fmt: skip
+    return (f"{stats.passes} verification passes, draft kept {stats.accepted} of {stats.proposed} proposed "
+            f"({stats.accepted / max(stats.proposed, 1):.0%}, {stats.accepted / stats.passes:.2f} per pass of "
+            f"{draft_tokens}){', then gave up' if gave_up else ''}; speed-up {plain_seconds / seconds:.2f}x over "
+            "one token per pass")  # fmt: skip
 
 
 def measure(ours: ProtT5nv, hf, input_ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace) -> None:
@@ -115,7 +120,8 @@ def measure(ours: ProtT5nv, hf, input_ids: torch.Tensor, mask: torch.Tensor, arg
     for beams in (1, 4):
 
         def run_ours(beams=beams):
-            cfg = GenerationConfig(max_new_tokens=args.new_tokens, num_beams=beams, draft_tokens=args.draft_tokens)
+            cfg = GenerationConfig(max_new_tokens=args.new_tokens, num_beams=beams, draft_tokens=args.draft_tokens,
+                                   min_acceptance=args.min_acceptance)  # fmt: skip
             with torch.inference_mode():
                 return generate(ours.model, input_ids, mask, cfg, decoder_start_id=tokenizer.decoder_start_id,
                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)  # fmt: skip
@@ -148,7 +154,7 @@ def measure(ours: ProtT5nv, hf, input_ids: torch.Tensor, mask: torch.Tensor, arg
               f"({t_hf:.2f} s) | ratio {rate / hf_rate:.2f}x | {tokens} tokens (transformers {hf_tokens}), "
               f"identical outputs: {same}")  # fmt: skip
         if out.passes:
-            print(f"         {speculation(out, times[2], t_ours, args.draft_tokens)}; identical to one token per "
+            print(f"         {speculation(out, times[2], t_ours, args)}; identical to one token per "
                   f"pass: {torch.equal(out.sequences, outs[2].sequences)}")  # fmt: skip
 
 
@@ -171,7 +177,8 @@ def trained(args: argparse.Namespace) -> None:
 
             def run(speculative: bool, input_ids=input_ids, mask=mask) -> GenerationOutput:
                 cfg = GenerationConfig(max_new_tokens=args.new_tokens, speculative=speculative,
-                                       draft_tokens=args.draft_tokens, vocab_limit=tok.real_vocab_size)  # fmt: skip
+                                       draft_tokens=args.draft_tokens, min_acceptance=args.min_acceptance,
+                                       vocab_limit=tok.real_vocab_size)  # fmt: skip
                 with torch.inference_mode():
                     return generate(model.model, input_ids, mask, cfg, decoder_start_id=tok.decoder_start_id,
                                     eos_id=tok.eos_id, pad_id=tok.pad_id)  # fmt: skip
@@ -186,7 +193,7 @@ def trained(args: argparse.Namespace) -> None:
                   f"per pass {int(plain.lengths.sum()) / t_plain:6.1f} tok/s ({t_plain:.2f} s) | {tokens} tokens, "
                   f"{right / tokens:.0%} equal to the target | identical: "
                   f"{torch.equal(spec.sequences, plain.sequences)}", flush=True)  # fmt: skip
-            print(f"         {speculation(spec, t_plain, t_spec, args.draft_tokens)}", flush=True)
+            print(f"         {speculation(spec, t_plain, t_spec, args)}", flush=True)
 
 
 if __name__ == "__main__":

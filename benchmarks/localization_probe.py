@@ -65,6 +65,10 @@ def main() -> None:
     ap.add_argument("--unfreeze-layers", type=int, default=2)
     ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("--skip-all-rows", action="store_true", help="skip composition + logistic on all rows")
+    ap.add_argument("--int8", action="store_true", help="add --model with its encoder in int8 (bf16 + --quantize "
+                    "int8), frozen mean + logistic, beside the float32 row: the int8 check")  # fmt: skip
+    ap.add_argument("--minimal", action="store_true", help="only composition, the model's frozen mean + logistic "
+                    "(and --int8's row): the cheap rows")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/localization_probe"))
@@ -86,6 +90,16 @@ def main() -> None:
         ("model, frozen mean", "MLP, class weights", dict(model=args.model, **sub, **cut),
          FitOptions(head="mlp", class_weights=True)),
     ]  # fmt: skip
+    if args.int8:
+        from prott5nv.api import load
+
+        int8 = load(args.model, dtype="bfloat16", quantize="int8")
+        runs.insert(4, ("model int8 (bf16 + --quantize int8), frozen mean", "logistic", dict(model=int8, **sub, **cut),
+                        FitOptions(head="linear")))  # fmt: skip
+    if args.minimal:
+        runs = [r for r in runs if r[0] in ("composition", "model, frozen mean") and r[1] == "logistic"
+                or r[0].startswith("model int8")]  # fmt: skip
+        args.skip_all_rows = args.skip_finetune = True
     if not args.skip_all_rows:
         runs.insert(0, ("composition, all rows", "logistic", dict(features="composition"), FitOptions(head="linear")))
     if not args.skip_finetune:

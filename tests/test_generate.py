@@ -111,7 +111,8 @@ def test_cache_equals_uncached(tiny_model, hf_pair, prompts, settings, which):
 def test_speculative_greedy_equals_one_token_per_pass(tiny_model, hf_pair, prompts, which, draft_tokens):
     """Greedy on CPU fp32 is speculative by default (a bf16 draft proposes, the model verifies): the same
     tokens, lengths and log-probs as one token per pass, with rows ending at EOS at different steps and
-    max_new_tokens not a multiple of draft_tokens."""
+    max_new_tokens not a multiple of draft_tokens. (Speculation never gives up here, however often the tiny
+    models' drafts disagree: giving up is tested below.)"""
     from prott5nv.model.decoding import Stepper
 
     model = tiny_model if which == "megatron" else hf_pair[1]
@@ -119,7 +120,7 @@ def test_speculative_greedy_equals_one_token_per_pass(tiny_model, hf_pair, promp
     feed = Stepper.feed
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Stepper, "feed", lambda self, t: passes.append(self.model) or feed(self, t))
-        fast = run(model, prompts, max_new_tokens=N_NEW + 1, draft_tokens=draft_tokens)
+        fast = run(model, prompts, max_new_tokens=N_NEW + 1, draft_tokens=draft_tokens, min_acceptance=0.0)
     plain = run(model, prompts, max_new_tokens=N_NEW + 1, speculative=False)
     assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.lengths, plain.lengths)
     torch.testing.assert_close(fast.token_logprobs, plain.token_logprobs, atol=1e-5, rtol=1e-5)
@@ -127,6 +128,29 @@ def test_speculative_greedy_equals_one_token_per_pass(tiny_model, hf_pair, promp
     assert 0 < verify < N_NEW + 1 and len(passes) > verify  # the draft proposed; the model verified
     if which == "t5":
         assert len(set(plain.lengths.tolist())) > 1  # EOS mid-way in some rows
+
+
+def test_speculation_gives_up_on_a_disagreeing_draft(tiny_model, prompts):
+    """A draft that keeps less than `min_acceptance` of its proposals after `speculation_trial` passes is
+    dropped: the rest is one token per pass, and the output is still plain greedy decoding."""
+    from prott5nv.model import speculative as spec
+
+    model = copy.deepcopy(tiny_model.model)  # a private copy: its own draft
+    ours = ProtT5nv(model, tiny_model.tokenizer)
+    draft = spec.draft_model(model)
+    with torch.no_grad():  # the draft's own copy of the word table (and tied head) zeroed: it proposes id 0
+        draft.embeddings.word_embeddings.weight.zero_()
+        draft.lm_head_bias.zero_()
+    plain = run(ours, prompts, max_new_tokens=N_NEW, speculative=False)
+    assert not bool((plain.sequences == 0).any())  # the model itself never chooses id 0 (padding is 3)
+    gave_up = run(ours, prompts, max_new_tokens=N_NEW, draft_tokens=3)
+    assert spec.draft_model(model) is draft  # the scrambled draft was the one used
+    assert (gave_up.passes, gave_up.proposed) == (4, 12) and gave_up.accepted < 6
+    stubborn = run(ours, prompts, max_new_tokens=N_NEW, draft_tokens=3, min_acceptance=0.0)
+    assert stubborn.passes > 4
+    for out in (gave_up, stubborn):
+        assert torch.equal(out.sequences, plain.sequences) and torch.equal(out.lengths, plain.lengths)
+        torch.testing.assert_close(out.token_logprobs, plain.token_logprobs, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "bf16", "int8 kernels fail"])

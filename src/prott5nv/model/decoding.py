@@ -37,6 +37,11 @@ class GenerationConfig:
     use_cache: bool = True
     speculative: bool = True  # greedy, fp32 on CPU: an int8 draft proposes, the model verifies (see above)
     draft_tokens: int = 6  # tokens proposed per verification pass
+    #: speculation gives up (one token per pass from then on) when, after `speculation_trial` passes, the
+    #: draft has kept fewer than this share of the tokens it proposed: a draft that disagrees that often costs
+    #: more than it saves (see model/speculative.py); 0 = never give up
+    min_acceptance: float = 0.5
+    speculation_trial: int = 4
     #: ids >= this are never emitted: the rows of the embedding table past the tokenizer's real vocabulary
     #: (padding to a multiple of 128, as NeMo's ``decode()`` masks ids >= ``tokenizer.vocab_size``); None =
     #: every row of the table. Set from the tokenizer by the caller (the model does not know its tokenizer).
@@ -65,6 +70,10 @@ class GenerationConfig:
             raise ConfigError("greedy decoding returns one sequence per input; use do_sample or num_beams")
         if self.draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if not 0.0 <= self.min_acceptance <= 1.0:
+            raise ConfigError(f"min_acceptance must be in [0, 1], got {self.min_acceptance}")
+        if self.speculation_trial < 1:
+            raise ConfigError(f"speculation_trial must be >= 1, got {self.speculation_trial}")
         if self.vocab_limit is not None and self.vocab_limit < 1:
             raise ConfigError(f"vocab_limit must be >= 1, got {self.vocab_limit}")
         if self.early_stopping not in (True, False, "never"):
@@ -80,8 +89,9 @@ class GenerationOutput:
     of each chosen token under the model (after logits processors, before temperature/top-k/top-p; 0 at
     padding). `scores` ``[N]``: greedy/sampling: the sum of `token_logprobs`; beam search: that sum
     divided by ``length ** length_penalty`` (transformers' `sequences_scores`). Speculative greedy decoding
-    also counts its work: `passes`, the model's verification passes, and `accepted`, the drafted tokens
-    kept (so ``sequences.shape[1] / passes`` tokens per pass; None for the other algorithms).
+    also counts its work: `passes`, the model's verification passes, `proposed` and `accepted`, the drafted
+    tokens checked and kept (None for the other algorithms; tokens emitted by the one-token passes after
+    speculation gave up are in neither).
     """
 
     sequences: Tensor
@@ -89,6 +99,7 @@ class GenerationOutput:
     token_logprobs: Tensor
     scores: Tensor
     passes: int | None = None
+    proposed: int | None = None
     accepted: int | None = None
 
 
