@@ -119,8 +119,8 @@ def test_tiny_run_learns_below_unigram_baseline(data_dir, tmp_path, capsys):
     assert model.seqs_to_embedding([val.sequence(0)]).shape == (1, 64)
 
 
-@pytest.mark.parametrize("objective", ["denoise", "mixed"])
-def test_denoise_objectives_train_below_unigram(data_dir, tmp_path, objective):
+@pytest.mark.parametrize(("objective", "steps"), [("denoise", 150), ("mixed", 60)])
+def test_denoise_objectives_train_below_unigram(data_dir, tmp_path, objective, steps):
     """Rostlab's objective (the decoder rebuilds the whole protein) and the mixture train through the same
     loop, with the auxiliary encoder loss; validation's masked-residue perplexity counts only the residues
     hidden from the encoder and ends below the unigram perplexity of exactly those residues (frequencies
@@ -140,15 +140,15 @@ def test_denoise_objectives_train_below_unigram(data_dir, tmp_path, objective):
 
     run = tmp_path / objective
     args = ["--data", data_dir, "--out", run, "--preset", "tiny", "--seq-length", "128", "--threads", "1",
-            "--val-samples", "64", "--log-every", "10", "--max-steps", 150, "--micro-batch-size", 16, "--lr", "3e-3",
-            "--warmup-steps", 10, "--dropout", 0.0, "--val-every", 150, "--save-every", 150, "--precision", "bf16",
+            "--val-samples", "64", "--log-every", "10", "--max-steps", steps, "--micro-batch-size", 16, "--lr", "3e-3",
+            "--warmup-steps", 10, "--dropout", 0.0, "--val-every", steps, "--save-every", steps, "--precision", "bf16",
             "--objective", objective, "--encoder-loss-weight", 1.0]  # fmt: skip
     assert pretrain(*args) == 0
     rows = metrics(run)
     final = [r for r in rows if "val_loss" in r][-1]
     print(f"{objective}: masked-residue perplexity {final['val_residue_ppl']:.2f} vs unigram {unigram_ppl:.2f}")
-    assert losses(run)[150] < losses(run)[10] - 0.5
-    if objective == "denoise":  # the mixture's decoder spends half its samples on sentinels: not yet there
+    assert losses(run)[steps] < losses(run)[10] - 0.5
+    if objective == "denoise":  # the mixture (fewer steps: the loop is the same) is not yet there
         assert final["val_residue_ppl"] < unigram_ppl
     assert all(math.isfinite(r["encoder_loss"]) for r in rows if "loss" in r)
     assert json.loads((run / "model" / "config.json").read_text())["extra"]["objective"] == objective
