@@ -16,7 +16,11 @@
 
 Long proteins follow the length policy (:mod:`.length`): refused (default, listed), truncated, or cut
 into overlapping windows whose per-residue outputs are stitched (:mod:`.chunking`); poolings are then
-taken over the stitched residues.
+taken over the stitched residues. A chunked protein is streamed: its windows are embedded in order, in
+batches of their own, and each window's share of the residues (:func:`~.chunking.owned_spans`) is added
+to the poolings and appended to the partial output at once, so memory does not grow with the protein's
+length (only its residue letters are held, one byte each); the merge copies per-residue outputs into
+the final file block by block. Progress is reported by residues, within a protein too.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,9 +44,9 @@ from ..data.batching import DEFAULT_BATCH_TOKENS, token_budget_batches
 from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
 from ..fasta import read_fasta
 from ..sequence import DEFAULT_POLICY, SequencePolicy
-from .chunking import stitch
+from .chunking import owned_spans
 from .length import DEFAULT_CHUNK_OVERLAP, LISTED, LengthPolicy, resolve
-from .store import PartialRun
+from .store import PartialRun, StoredProtein
 from .writers import FORMATS, KINDS, POOLINGS, check_output, format_from_path, h5_key, open_writer
 
 log = logging.getLogger(__name__)
@@ -142,29 +147,84 @@ def scan_fasta(
 
 
 # ----------------------------------------------------------------------------------------- outputs
+class Pooler:
+    """The poolings of one protein from its per-residue states ``[n, D]`` (float32) given run by run, in
+    order (a chunked protein: window by window): O(D) memory whatever the length. The mean is summed in
+    float64."""
+
+    def __init__(self, kinds: tuple[str, ...]) -> None:
+        self.kinds = tuple(k for k in kinds if k != "per_residue")
+        self.residues = 0
+        self._sum: np.ndarray | None = None
+        self._max: np.ndarray | None = None
+        self._first: np.ndarray | None = None
+
+    def add(self, states: np.ndarray) -> None:
+        if not len(states):
+            return
+        if "mean" in self.kinds:
+            total = states.sum(0, dtype=np.float64)
+            self._sum = total if self._sum is None else self._sum + total
+        if "max" in self.kinds:
+            top = states.max(0)
+            self._max = top if self._max is None else np.maximum(self._max, top)
+        if "first" in self.kinds and self._first is None:
+            self._first = states[0].copy()
+        self.residues += len(states)
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Each pooling (``(D,)`` float32), in `kinds` order."""
+        values = {"mean": None if self._sum is None else (self._sum / self.residues).astype(np.float32),
+                  "max": self._max, "first": self._first}  # fmt: skip
+        return {k: values[k] for k in self.kinds}
+
+
 def pool(residues: np.ndarray, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The outputs of one protein from its per-residue states ``[L, D]`` (float32)."""
-    out: dict[str, np.ndarray] = {}
-    for kind in kinds:
-        if kind == "mean":
-            out[kind] = residues.mean(0, dtype=np.float64).astype(np.float32)
-        elif kind == "max":
-            out[kind] = residues.max(0)
-        elif kind == "first":
-            out[kind] = residues[0].copy()
-        else:
-            out[kind] = residues
-    return out
+    pooler = Pooler(kinds)
+    pooler.add(residues)
+    return {**pooler.result(), **({"per_residue": residues} if "per_residue" in kinds else {})}
 
 
-def split_outputs(data: np.ndarray, kinds: tuple[str, ...], length: int, dim: int) -> dict[str, np.ndarray]:
-    """Inverse of concatenating :func:`pool`'s arrays in `kinds` order (how the partial output stores them)."""
-    out, pos = {}, 0
+def stored_outputs(stored: StoredProtein, kinds: tuple[str, ...], dim: int) -> dict[str, np.ndarray]:
+    """One protein's outputs read back from the partial output, whose layout is: the per-residue rows
+    (when asked for) first, then each pooling in `kinds` order. Large per-residue outputs come as
+    :class:`~.store.DiskRows` (read block by block by the writers)."""
+    out: dict[str, Any] = {}
+    pos = 0
+    if "per_residue" in kinds:
+        out["per_residue"] = stored.rows(0, stored.length, dim)
+        pos = stored.length * dim
     for kind in kinds:
-        n = length * dim if kind == "per_residue" else dim
-        out[kind] = data[pos : pos + n].reshape(-1, dim) if kind == "per_residue" else data[pos : pos + n]
-        pos += n
-    return out
+        if kind != "per_residue":
+            out[kind] = stored.read(pos, dim)
+            pos += dim
+    return {k: out[k] for k in kinds}
+
+
+class _Streamed:
+    """A protein's outputs being written, run of residues by run, into `run` (per-residue rows at once,
+    poolings accumulated and written after the last run): the stored layout of :func:`stored_outputs`."""
+
+    def __init__(self, protein: _Protein, kinds: tuple[str, ...], run: PartialRun) -> None:
+        self.protein, self.run = protein, run
+        self.rows = "per_residue" in kinds
+        self.pooler = Pooler(kinds)
+        self.offset = run.tell()
+
+    def add(self, states: np.ndarray) -> bool:
+        """Add the next run of residues; True when the protein is complete."""
+        if self.rows:
+            self.run.write(states)
+        self.pooler.add(states)
+        return self.pooler.residues == self.protein.length
+
+    def finish(self) -> tuple[int, str, int, int, int]:
+        """Write the poolings; the protein's journal entry."""
+        for value in self.pooler.result().values():
+            self.run.write(value)
+        p = self.protein
+        return p.record, p.id, p.length, self.offset, self.run.tell() - self.offset
 
 
 # ----------------------------------------------------------------------------------------- pipeline
@@ -174,6 +234,7 @@ class _Protein:
     id: str
     length: int  # residues embedded
     starts: list[int]  # window starts ([0]: one piece)
+    spans: list[tuple[int, int]]  # the residues taken from each window (:func:`~.chunking.owned_spans`)
 
 
 @dataclass
@@ -196,6 +257,7 @@ def _settings(model: ProtT5nv, input_path: str | os.PathLike, opt: EmbedOptions,
         "chunk_size": length.window, "chunk_overlap": opt.chunk_overlap if opt.long_policy == "chunk" else None,
         "batch_tokens": opt.batch_tokens, "max_seqs_per_batch": opt.max_seqs_per_batch, "window": opt.window,
         "world_size": opt.world_size, "policy": dataclasses.asdict(opt.policy),
+        "layout": "rows-then-poolings",  # of each protein's values (stored_outputs); other layouts: not resumed
     }  # fmt: skip
 
 
@@ -291,7 +353,7 @@ def _windows(
         size = length.window if len(starts) > 1 else len(seq)
         for k, s in enumerate(starts):
             pieces.append(_Piece(len(proteins), k, seq[s : s + size]))
-        proteins.append(_Protein(i, rec.id, len(seq), starts))
+        proteins.append(_Protein(i, rec.id, len(seq), starts, owned_spans(len(seq), starts, size)))
         if len(proteins) >= opt.window:
             yield proteins, pieces
             proteins, pieces = [], []
@@ -309,44 +371,44 @@ def _embed_shard(
     run: PartialRun,
     on_batch: Callable[[int, int], None] | None,
 ) -> int:
-    """Embed this rank's proteins not yet `done`, appending each batch to `run`. Returns residues computed."""
+    """Embed this rank's proteins not yet `done`, appending each batch to `run`. Returns residues computed.
+
+    Per window of records: the proteins in one piece go in length-sorted token-budget batches; then the
+    windows of chunked proteins, in order (a protein's windows one after another, a batch of equal-length
+    windows at a time), each protein streamed into `run` (:class:`_Streamed`) as its windows come."""
     computed = 0
+    suffix = model.tokenizer.num_special_suffix
     for proteins, pieces in _windows(model, input_path, opt, length):
         skipped = [p for p in proteins if done[p.record]]
         if skipped and on_batch:
             on_batch(len(skipped), sum(p.length for p in skipped))
-        suffix = model.tokenizer.num_special_suffix
-        lengths = [len(p.seq) + suffix for p in pieces]  # encoder tokens
-        partial: dict[int, list[np.ndarray | None]] = {}  # chunked proteins waiting for windows
-        for batch in token_budget_batches(lengths, opt.batch_tokens, opt.max_seqs_per_batch):
-            if all(done[proteins[pieces[i].protein].record] for i in batch):
-                continue
+        todo = [i for i, piece in enumerate(pieces) if not done[proteins[piece.protein].record]]
+        batches = []
+        for chunked in (False, True):
+            group = [i for i in todo if (len(proteins[pieces[i].protein].starts) > 1) == chunked]
+            lengths = [len(pieces[i].seq) + suffix for i in group]  # encoder tokens
+            cut = token_budget_batches(lengths, opt.batch_tokens, opt.max_seqs_per_batch, sort=not chunked)
+            batches += [[group[j] for j in b] for b in cut]
+        streams: dict[int, _Streamed] = {}
+        for batch in batches:
             hiddens, mask = model.seqs_to_hiddens([pieces[i].seq for i in batch])
-            states, lens = hiddens.cpu().numpy(), mask.sum(1).tolist()
-            finished: list[tuple[_Protein, np.ndarray]] = []
+            states = hiddens.cpu().numpy()
+            finished, residues = [], 0
             for j, i in enumerate(batch):
                 piece = pieces[i]
                 prot = proteins[piece.protein]
-                if done[prot.record]:
-                    continue
-                residues = states[j, : lens[j]]
-                if len(prot.starts) > 1:
-                    parts = partial.setdefault(piece.protein, [None] * len(prot.starts))
-                    parts[piece.k] = residues.copy()
-                    if any(p is None for p in parts):
-                        continue
-                    residues = stitch(partial.pop(piece.protein), prot.starts, prot.length)
-                finished.append((prot, residues))
-            run.append([
-                (p.record, p.id, p.length, np.concatenate([a.reshape(-1) for a in pool(r, kinds).values()]))
-                for p, r in finished
-            ])  # fmt: skip
-            batch_residues = sum(p.length for p, _ in finished)
-            for p, _ in finished:
-                done[p.record] = True
+                stream = streams.get(piece.protein) or streams.setdefault(piece.protein, _Streamed(prot, kinds, run))
+                lo, hi = prot.spans[piece.k]
+                start = prot.starts[piece.k]
+                residues += hi - lo
+                if stream.add(states[j, lo - start : hi - start]):
+                    finished.append(streams.pop(piece.protein).finish())
+            run.commit(finished)
+            for record, *_ in finished:
+                done[record] = True
             computed += int(mask.sum())
             if on_batch:
-                on_batch(len(finished), batch_residues)
+                on_batch(len(finished), residues)
     return computed
 
 
@@ -360,8 +422,8 @@ def _merge(
         for stored in run.proteins():
             if dim is None:
                 pooled = sum(k != "per_residue" for k in kinds)
-                dim = stored.data.size // (pooled + (stored.length if "per_residue" in kinds else 0))
-            writer.write(stored.record, stored.id, stored.length, split_outputs(stored.data, kinds, stored.length, dim))
+                dim = stored.nbytes // 4 // (pooled + (stored.length if "per_residue" in kinds else 0))
+            writer.write(stored.record, stored.id, stored.length, stored_outputs(stored, kinds, dim))
             proteins += 1
             residues += stored.length
         if proteins != expected:
@@ -371,4 +433,4 @@ def _merge(
     return proteins, residues
 
 
-__all__ = ["KINDS", "EmbedOptions", "EmbedSummary", "embed_fasta", "pool", "scan_fasta", "split_outputs"]
+__all__ = ["KINDS", "EmbedOptions", "EmbedSummary", "Pooler", "embed_fasta", "pool", "scan_fasta", "stored_outputs"]
