@@ -4,7 +4,7 @@ A random-weight HF `T5EncoderModel` of ProtT5nv's size (d_model 768, 12 heads of
 layers, ReLU, vocabulary 128) is saved to a temporary directory and loaded into prott5nv's `t5` family
 with `prott5nv.checkpoint.hf.load_hf` (transformers cannot run ProtT5nv's own `megatron` family), so every
 contender runs identical weights on identical token ids (Rostlab layout, `</s>` appended). Proteins:
-the first N of at most 512 residues in /work/shared/data/swissprot_dev_100k.fasta.gz (real Swiss-Prot).
+the first N of at most 512 residues of real Swiss-Prot proteins (--fasta; default: benchmarks/_data.py).
 
 Contenders, all in one run (residues/s = residues / wall time; per-protein mean over residues):
   * transformers, the usual way: fp32, batches of 8 in file order, padding="longest", torch.no_grad
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _data import swissprot  # benchmarks/_data.py, beside this script
 
 from prott5nv.api import ProtT5nv
 from prott5nv.checkpoint.hf import load_hf
@@ -34,7 +35,6 @@ from prott5nv.data.batching import token_budget_batches
 from prott5nv.fasta import read_fasta, write_fasta
 from prott5nv.inference.embed import EmbedOptions, embed_fasta
 
-DATA = Path("/work/shared/data/swissprot_dev_100k.fasta.gz")
 D_MODEL, HEADS, D_KV, D_FF, LAYERS = 768, 12, 64, 3072, 12
 
 
@@ -117,6 +117,7 @@ def cosine_min(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fasta", type=Path, default=swissprot(), help="real proteins (default: %(default)s)")
     ap.add_argument("--proteins", type=int, default=500)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
@@ -129,7 +130,7 @@ def main() -> None:
 
     from prott5nv.inference.onnx_export import export_onnx
 
-    records = (r for r in read_fasta(DATA) if len(r.sequence) <= args.max_length)
+    records = (r for r in read_fasta(args.fasta) if len(r.sequence) <= args.max_length)
     proteins = [(r.id, r.sequence) for _, r in zip(range(args.proteins), records, strict=False)]
     residues = sum(len(s) for _, s in proteins)
     results: dict[str, tuple[float, list[np.ndarray]]] = {}

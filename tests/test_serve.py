@@ -452,7 +452,7 @@ def test_start_up_failures_are_one_line_before_the_model_loads(tmp_path, capsys)
         port = busy.getsockname()[1]
         for flags, message in (
             (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
-            (["--port", "70000"], "cannot listen on 127.0.0.1:70000: "),
+            (["--port", "70000"], "cannot listen on 127.0.0.1:70000: a TCP port is 0-65535"),
             (["--max-sequences", "0"], "serve limit max_sequences must be positive, got 0"),
             (["--timeout", "-1"], "serve limit timeout_s must be positive, got -1"),
             (["--threads", "0"], "--threads must be >= 1, got 0"),

@@ -144,10 +144,11 @@ class ProtT5nv:
 
     @staticmethod
     def hiddens_to_embedding(hiddens: Tensor, mask: Tensor) -> Tensor:
-        """Per-protein embedding: the mean over real residues (padding excluded)."""
-        mask = mask.to(hiddens.dtype)[..., None]
+        """Per-protein embedding: the mean over real residues (padding excluded), summed in float64 as
+        `embed` does (so that both give the same bits for the same states)."""
+        mask = mask.to(torch.float64)[..., None]
         lengths = mask.sum(1).clamp(min=1.0)
-        return (hiddens * mask).sum(1) / lengths
+        return ((hiddens.to(torch.float64) * mask).sum(1) / lengths).to(hiddens.dtype)
 
     def seqs_to_embedding(
         self, seqs: Sequence[str], ids: Sequence[str] | None = None, policy: SequencePolicy = DEFAULT_POLICY

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=("native", "hf"), default="native", help="output format (default: native)")
     p.add_argument("--dtype", type=precision_arg, default=None, metavar="{" + ",".join(DTYPE_NAMES) + "}",
                    help="convert the weights (default: keep float32; fp32, bf16, fp16 accepted)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it is a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is a checkpoint directory (its checkpoint files; others there, e.g. a "
+                   "model card, are kept)")  # fmt: skip
     p.set_defaults(func=run)
 
 
