@@ -358,7 +358,7 @@ def test_oversized_input_gets_413(servers, proteins):
     assert r.status_code == 413 and r.json()["detail"] == "num_samples 17 exceeds the server limit of 16"
     r = post(server.url + "/v1/infill", {"sequences": [{"id": "m", "sequence": "MKT<mask:99999999999>A"}]})
     assert r.status_code == 413 and r.json() == {  # refused before the masked text is built
-        "detail": "m: more than 512 residues (masked ones included)", "id": "m", "index": 0}  # fmt: skip
+        "detail": "record 'm': more than 512 residues (masked ones included)", "id": "m", "index": 0}  # fmt: skip
     long_seq = "".join(s for _, s in proteins[:3])[:513]
     r = post(url, {"sequences": [{"id": "a", "sequence": "MKV"}, {"id": "long", "sequence": long_seq}]})
     assert r.status_code == 413 and (r.json()["id"], r.json()["index"]) == ("long", 1)
@@ -583,7 +583,7 @@ def test_start_up_failures_are_one_line_before_the_model_loads(tmp_path, capsys)
         port = busy.getsockname()[1]
         for flags, message in (
             (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
-            (["--port", "70000"], "cannot listen on 127.0.0.1:70000: "),
+            (["--port", "70000"], "cannot listen on 127.0.0.1:70000: a TCP port is 0-65535"),
             (["--max-sequences", "0"], "serve limit max_sequences must be positive, got 0"),
             (["--timeout", "-1"], "serve limit timeout_s must be positive, got -1"),
             (["--threads", "0"], "--threads must be >= 1, got 0"),

@@ -76,6 +76,8 @@ def limits_from_args(args: argparse.Namespace) -> ServeLimits:
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound now: an address in use or not of this machine is refused before the
     model is loaded (one line, exit 2), not by uvicorn after it."""
+    if not 0 <= port <= 65535:  # getaddrinfo would take 70000 as 4464
+        raise ConfigError(f"cannot listen on {host}:{port}: a TCP port is 0-65535")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (OSError, OverflowError, UnicodeError) as exc:
@@ -84,9 +86,9 @@ def listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
     return sock
 
 

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors write first
 _CHUNK = 8 << 20
-_READ = 256 << 10  # bytes per read call
+_READ = 256 << 10  # bytes of inflated gzip data per read call
 _SCAN_THREADS = 2  # units parsed at once by the C accelerator
 _WHITESPACE = b" \t\r\n\v\f"
 _UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -280,12 +280,13 @@ class _Unreadable(Exception):
 
 def _fill(fh: io.IOBase, view: memoryview) -> int:
     """Read into `view` until it is full or the file ends; returns the byte count. A read error raises
-    :class:`_Unreadable` with the newlines read into `view` before it (reads of at most :data:`_READ`
-    bytes: a gzip reader that fails loses what it inflated for the failing read)."""
+    :class:`_Unreadable` with the newlines read into `view` before it (gzip data is read :data:`_READ`
+    bytes at a time: a gzip reader that fails loses what it inflated for the failing read)."""
     done = 0
+    step = _READ if isinstance(fh, gzip.GzipFile) else len(view)  # ISA-L's IGzipFile is one too
     while done < len(view):
         try:
-            n = fh.readinto(view[done : done + _READ])  # type: ignore[attr-defined]
+            n = fh.readinto(view[done : done + step])  # type: ignore[attr-defined]
         except READ_ERRORS as exc:
             raise _Unreadable(exc, view[:done].tobytes().count(b"\n")) from None
         if not n:

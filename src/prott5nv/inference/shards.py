@@ -169,10 +169,10 @@ def merge_shards(
     shards = check_shards(paths)
     first = shards[0]
     fmt = fmt or format_from_path(output)
+    check_output(fmt, output, inputs=tuple(s.path for s in shards))  # fmt None (no format in the name): refused
     if fmt != first.output.fmt:
         raise ConfigError(f"the shards are {first.output.fmt}, the output {output} would be {fmt}: merge writes "
                           "the shards' format (name the output accordingly)")  # fmt: skip
-    check_output(fmt, output, inputs=[s.path for s in shards])
     attrs = {k: v for k, v in first.output.attrs.items() if k not in SHARD_ATTRS}
     total, window = int(first.settings["input_records"]), int(first.settings["window"])
     proteins = 0

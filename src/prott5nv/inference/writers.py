@@ -3,7 +3,9 @@
 
 Every writer builds its output under a temporary name beside the target and renames it into place only
 on :meth:`commit`, so a reader never sees a half-written file. Outputs ("kinds") are the poolings
-``mean``/``max``/``first`` (``(D,)`` per protein) and ``per_residue`` (``(L, D)``).
+``mean``/``max``/``first`` (``(D,)`` per protein) and ``per_residue`` (``(L, D)``). A per-residue output
+may come as an array or as rows on disk (:class:`~prott5nv.inference.store.DiskRows`, a long protein's):
+HDF5 and ``.npy`` copy those block by block; Parquet, whose row is one value, reads them whole.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ POOLINGS = ("mean", "max", "first")
 KINDS = (*POOLINGS, "per_residue")
 FORMATS = ("h5", "npy", "parquet")
 NPY_INDEX = "index.tsv"  # every .npy output directory has one: what marks it as ours
+NPY_FILES = (NPY_INDEX, "attrs.tsv", "*.npy")  # what --overwrite replaces in one (anything else is kept)
 
 
 def h5_key(record_id: str) -> str:
@@ -38,19 +41,24 @@ def per_residue(name: str) -> bool:
     return name == "per_residue" or name.endswith("_per_residue")
 
 
-def format_from_path(path: str | os.PathLike) -> str:
-    """Output format implied by the name: `.parquet`/`.pq` -> parquet, `.h5`/`.hdf5` -> h5, else npy
-    (a directory)."""
+def format_from_path(path: str | os.PathLike) -> str | None:
+    """Output format implied by the name: `.parquet`/`.pq` -> parquet, `.h5`/`.hdf5`/`.hdf` -> h5, no
+    suffix (or `.npy`) -> npy (a directory); None for any other suffix, which :func:`check_output`
+    refuses rather than read it as a directory name (`-o emb.txt` made a directory of .npy files)."""
     suffix = Path(path).suffix.lower()
     if suffix in (".parquet", ".pq"):
         return "parquet"
     if suffix in (".h5", ".hdf5", ".hdf"):
         return "h5"
-    return "npy"
+    if suffix in ("", ".npy"):
+        return "npy"
+    return None
 
 
 class Writer:
     """Base class: temporary-then-rename lifecycle and the count of proteins written."""
+
+    owns: tuple[str, ...] | None = None  # directory outputs: the entries written (others are kept)
 
     def __init__(
         self, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict[str, Any] | None, dim: int | None = None
@@ -82,7 +90,7 @@ class Writer:
             raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
         if self.path.exists() and self.path.is_dir() != self.tmp_path.is_dir():
             self._remove(self.path)
-        replace_path(self.tmp_path, self.path)
+        replace_path(self.tmp_path, self.path, self.owns)
 
     def abort(self) -> None:
         try:
@@ -120,7 +128,13 @@ class H5Writer(Writer):
 
     def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
         for kind in self.kinds:
-            ds = self._groups[kind].create_dataset(h5_key(record_id), data=outputs[kind])
+            value, group, key = outputs[kind], self._groups[kind], h5_key(record_id)
+            if isinstance(value, np.ndarray):
+                ds = group.create_dataset(key, data=value)
+            else:  # rows on disk, copied block by block
+                ds = group.create_dataset(key, shape=value.shape, dtype=value.dtype)
+                for lo, block in value.blocks():
+                    ds[lo : lo + len(block)] = block
             ds.attrs["original_id"] = record_id
             ds.attrs["record"] = record
         self.written += 1
@@ -133,6 +147,8 @@ class NpyWriter(Writer):
     """A directory: `ID.npy` per protein (`ID.KIND.npy` when several kinds) and `index.tsv` listing
     record number, id, length and the file of each kind, in the order written."""
 
+    owns = NPY_FILES
+
     def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None,
                  dim: int | None = None) -> None:  # fmt: skip
         super().__init__(path, kinds, attrs, dim)
@@ -144,7 +160,16 @@ class NpyWriter(Writer):
         key = h5_key(record_id)
         names = [f"{key}.npy" if len(self.kinds) == 1 else f"{key}.{k}.npy" for k in self.kinds]
         for kind, name in zip(self.kinds, names, strict=True):
-            np.save(self.tmp_path / name, outputs[kind])
+            value = outputs[kind]
+            if isinstance(value, np.ndarray):
+                np.save(self.tmp_path / name, value)
+                continue
+            with open(self.tmp_path / name, "wb") as fh:  # rows on disk: the .npy header, then block by block
+                header = {"descr": np.lib.format.dtype_to_descr(value.dtype), "fortran_order": False,
+                          "shape": value.shape}  # fmt: skip
+                np.lib.format.write_array_header_1_0(fh, header)
+                for _, block in value.blocks():
+                    fh.write(block.data)
         self._index.write("\t".join([str(record), record_id, str(length), *names]) + "\n")
         self.written += 1
 
@@ -184,6 +209,7 @@ class ParquetWriter(Writer):
         return pa.schema(fields, metadata=meta)
 
     def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
+        outputs = {k: np.asarray(v) for k, v in outputs.items()}  # a row is one value: rows on disk read whole
         self._rows.append((record, record_id, length, outputs))
         self._floats += sum(outputs[k].size for k in self.kinds)
         self.written += 1
@@ -222,12 +248,21 @@ class ParquetWriter(Writer):
             self._writer.close()
 
 
-def check_output(fmt: str, path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+def check_output(
+    fmt: str | None, path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), *, overwrite: bool = True
+) -> None:
     """Refuse, before any compute, an output that could not be written at the end, or whose writing would
     lose data (:func:`~prott5nv.fsutil.check_output`; the API replaces a previous output: a file, or a
-    directory of `.npy` files with its ``index.tsv``, never anything else)."""
+    directory of `.npy` files with its ``index.tsv``, never anything else; the CLI only with --overwrite),
+    or whose name gives no format (`fmt` None: :func:`format_from_path` found none)."""
     npy = fmt == "npy"
-    check_path(path, inputs=inputs, overwrite=True, kind="dir" if npy else "file", marker=NPY_INDEX if npy else None)
+    marker = NPY_INDEX if npy else None
+    check_path(path, inputs=inputs, overwrite=overwrite, kind="dir" if npy else "file", marker=marker)
+    if fmt is None:
+        raise ConfigError(
+            f"output '{path}': '{Path(path).suffix}' names no embedding format (.h5/.hdf5/.hdf: HDF5, .parquet/.pq: "
+            "Parquet, no suffix: a directory of .npy files); give --format to choose one"
+        )
     if fmt == "parquet":
         try:
             import pyarrow  # noqa: F401
