@@ -20,8 +20,8 @@ window, input policy, version). Before writing anything, the merge checks that
   belongs to shard ``(i // window) % N + 1``; checked as they are read), so the shards are disjoint and
   cover the input;
 
-then it writes the proteins in input order through a temporary, renamed into place only when every check
-passed, with the attributes of a
+then it writes the proteins in input order (large per-residue arrays of HDF5 and .npy shards copied block
+by block) through a temporary, renamed into place only when every check passed, with the attributes of a
 one-process run (the ``shard*`` ones dropped): the file a one-process ``embed`` with the same settings
 writes, bit for bit in its embeddings. The merged output has the shards' format.
 """

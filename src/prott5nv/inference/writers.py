@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,6 +24,8 @@ import numpy as np
 from ..errors import ConfigError, ProtT5nvError
 from ..fsutil import check_output as check_path
 from ..fsutil import replace_path
+from . import store
+from .store import DiskRows
 
 POOLINGS = ("mean", "max", "first")
 KINDS = (*POOLINGS, "per_residue")
@@ -284,7 +287,46 @@ def open_writer(
 
 
 # ------------------------------------------------------------------------------------------- reading
-StoredRecord = tuple[int, str, int, dict[str, np.ndarray]]  # record, id, length (HDF5: 0), arrays by name
+StoredRecord = tuple[int, str, int, dict[str, Any]]  # record, id, length (HDF5: 0), arrays by name
+
+
+class H5Rows:
+    """A per-residue dataset of an HDF5 output, read in blocks of at most :data:`~.store.BLOCK_BYTES` as
+    :class:`~.store.DiskRows` is (what `merge` copies a long protein's rows with: never whole)."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset, self.shape, self.dtype = dataset, dataset.shape, dataset.dtype
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        rows, dim = self.shape
+        step = max(1, store.BLOCK_BYTES // (self.dtype.itemsize * dim))
+        for lo in range(0, rows, step):
+            yield lo, self.dataset[lo : lo + step]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # noqa: ANN001 - numpy's protocol
+        out = self.dataset[()]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _h5_array(dataset: h5py.Dataset) -> np.ndarray | H5Rows:
+    """A dataset read whole, or as :class:`H5Rows` when it is larger than a block."""
+    return H5Rows(dataset) if dataset.ndim == 2 and dataset.nbytes > store.BLOCK_BYTES else dataset[()]
+
+
+def _npy_array(path: Path, files: ExitStack) -> np.ndarray | DiskRows:
+    """A `.npy` file read whole, or, when it holds more than a block of float32 rows, as
+    :class:`~.store.DiskRows` over the open file (closed by `files`)."""
+    if path.stat().st_size <= store.BLOCK_BYTES:
+        return np.load(path)
+    fh = files.enter_context(open(path, "rb"))
+    version = np.lib.format.read_magic(fh)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        return np.load(path)
+    shape, fortran, dtype = read_header[version](fh)
+    if len(shape) != 2 or fortran or dtype != DiskRows.dtype:
+        return np.load(path)
+    return DiskRows(fh.fileno(), fh.tell(), shape)
 
 
 class StoredOutput:
@@ -319,18 +361,21 @@ class StoredOutput:
 
     def proteins(self) -> Iterator[StoredRecord]:
         """``(record, id, length, {name: array})`` of every protein: by record number for HDF5 and .npy,
-        in the stored order for Parquet (the input order, as embed writes it)."""
+        in the stored order for Parquet (the input order, as embed writes it). HDF5 and .npy arrays larger
+        than :data:`~.store.BLOCK_BYTES` come as rows on disk (:class:`H5Rows`, :class:`~.store.DiskRows`,
+        valid until the next protein is asked for), which the writers copy block by block."""
         if self.fmt == "h5":
             with h5py.File(self.path, "r") as f:
                 groups = [f] * len(self.kinds) if len(self.kinds) == 1 else [f[k] for k in self.kinds]
                 for record, key in self._rows:
-                    arrays = {k: g[key][()] for k, g in zip(self.kinds, groups, strict=True)}
+                    arrays = {k: _h5_array(g[key]) for k, g in zip(self.kinds, groups, strict=True)}
                     yield record, str(groups[0][key].attrs["original_id"]), 0, arrays
         elif self.fmt == "npy":
             for _, line in self._rows:
                 record, rid, length, *files = line.split("\t")
-                arrays = {k: np.load(self.path / f) for k, f in zip(self.kinds, files, strict=True)}
-                yield int(record), rid, int(length), arrays
+                with ExitStack() as opened:
+                    arrays = {k: _npy_array(self.path / f, opened) for k, f in zip(self.kinds, files, strict=True)}
+                    yield int(record), rid, int(length), arrays
         else:
             yield from self._parquet_rows()
 
