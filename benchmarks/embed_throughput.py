@@ -8,7 +8,8 @@ vocabulary 128), so transformers can run them too (ProtT5nv's own `megatron` fam
           24 layers, d_model 1024, 32 heads of 128, d_ff 16384 (1.2B parameters, 4.8 GB in fp32)
 Random weights (HF's initialisation scales) are written once, one shard per layer, as an HF directory
 (config.json + sharded model.safetensors, float32 unless --weights-dtype) that every contender loads.
-Proteins: the first N of --min-length..--max-length residues in swissprot_dev_100k.fasta.gz (real Swiss-Prot).
+Proteins: the first N of --min-length..--max-length residues of real Swiss-Prot proteins (--fasta; default:
+benchmarks/_data.py).
 
 Contenders, each in a subprocess of its own so that its peak resident memory (VmHWM) is its own:
   * usual:      transformers fp32, `from_pretrained`, batches of 8 in file order, padding="longest", no_grad
@@ -46,8 +47,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _data import swissprot  # benchmarks/_data.py, beside this script
 
-DATA = Path("/work/shared/data/swissprot_dev_100k.fasta.gz")
 SHAPES = {  # layers, d_model, heads, d_kv, d_ff
     "tiny": dict(num_layers=2, d_model=64, num_heads=4, d_kv=16, d_ff=256),  # checks the plumbing only
     "base": dict(num_layers=12, d_model=768, num_heads=12, d_kv=64, d_ff=3072),
@@ -318,6 +319,7 @@ def launch(name: str, work: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fasta", type=Path, default=swissprot(), help="real proteins (default: %(default)s)")
     ap.add_argument("--shape", choices=list(SHAPES), default="base")
     ap.add_argument("--proteins", type=int, default=None, help="default: 500 (base), 24 (xl)")
     ap.add_argument("--min-length", type=int, default=None, help="default: 1 (base), 50 (xl)")
@@ -349,7 +351,7 @@ def main() -> None:
     from prott5nv.fasta import read_fasta, write_fasta
 
     torch.set_num_threads(args.threads)
-    records = (r for r in read_fasta(DATA) if min_len <= len(r.sequence) <= max_len)
+    records = (r for r in read_fasta(args.fasta) if min_len <= len(r.sequence) <= max_len)
     proteins = [(r.id, r.sequence) for _, r in zip(range(args.proteins), records, strict=False)]
     lengths = [len(s) + 1 for _, s in proteins]  # + </s>
     residues = sum(len(s) for _, s in proteins)

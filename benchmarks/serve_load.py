@@ -1,7 +1,7 @@
 """Load test of `prott5nv serve`: N concurrent clients for a fixed time against offline `embed`.
 
-The same real proteins (the first `--proteins` of Swiss-Prot with at most 512 residues, from
-/work/shared/data, or tests/data when that is missing) are embedded twice on this machine in one run:
+The same real proteins (the first `--proteins` of Swiss-Prot with at most 512 residues, from --fasta:
+benchmarks/_data.py) are embedded twice on this machine in one run:
 
 * offline: :func:`prott5nv.inference.embed.embed_fasta` -- what `prott5nv embed` runs -- in this process,
   with `--threads` torch threads, once before and once after the served phase (this machine is noisy;
@@ -31,15 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _data import swissprot  # benchmarks/_data.py, beside this script
 
 import prott5nv
 from prott5nv.client import Client, ServerError
 from prott5nv.fasta import read_fasta, write_fasta
 from prott5nv.inference.embed import EmbedOptions, embed_fasta
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data/swissprot_dev_100k.fasta.gz")
-FALLBACK = REPO / "tests" / "data" / "swissprot_3k.fasta.gz"
 
 
 def load_proteins(path: Path, n: int, max_length: int) -> list[tuple[str, str]]:
@@ -128,7 +125,7 @@ def load(url: str, proteins: list[tuple[str, str]], args: argparse.Namespace) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="prott5nv-demo")
-    ap.add_argument("--fasta", type=Path, default=SHARED if SHARED.exists() else FALLBACK)
+    ap.add_argument("--fasta", type=Path, default=swissprot(), help="real proteins (default: %(default)s)")
     ap.add_argument("--proteins", type=int, default=1000, help="distinct proteins used (default: 1000)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, server and offline (default: 1)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent client threads (default: 4)")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _data import swissprot  # benchmarks/_data.py, beside this script
 
 from prott5nv.checkpoint.hf import load_hf
 from prott5nv.data.masking import T5Masker, collate_t5
@@ -40,7 +41,6 @@ from prott5nv.model.t5 import T5Model
 from prott5nv.tokenizer import ProteinTokenizer
 from prott5nv.train.trainer import set_dropout
 
-DATA = Path("/work/shared/data/swissprot_dev_100k.fasta.gz")
 Batch = dict[str, torch.Tensor]
 
 
@@ -161,7 +161,7 @@ def run_preset(name: str, batches: list[Batch], args: argparse.Namespace, device
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data", type=Path, default=swissprot(), help="real proteins (default: %(default)s)")
     ap.add_argument("--presets", nargs="+", default=["tiny", "prott5nv-base"])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-residues", type=int, default=256, help="proteins are cut to this many residues")

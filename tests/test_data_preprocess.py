@@ -22,7 +22,7 @@ from prott5nv.data.masking import T5Masker, collate_t5
 from prott5nv.data.preprocess import PreprocessConfig, preprocess
 from prott5nv.data.sampler import DistributedShuffleSampler
 from prott5nv.data.store import SPLITS, SequenceStore, StoreError, load_manifest
-from prott5nv.errors import ConfigError, InvalidSequenceError
+from prott5nv.errors import ConfigError, InvalidSequenceError, OutputError
 from prott5nv.tokenizer import ProteinTokenizer
 
 CFG = PreprocessConfig(max_length=512, min_length=30, dedup=True, val=100, test=0.1, seed=7)
@@ -146,7 +146,7 @@ def test_interrupted_run_leaves_nothing_loadable(inputs, tmp_path, monkeypatch) 
 
 def test_refusals(inputs, tmp_path) -> None:
     preprocess(inputs[1:], tmp_path / "d", PreprocessConfig())
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         preprocess(inputs[1:], tmp_path / "d", PreprocessConfig())
     manifest = preprocess(inputs[1:], tmp_path / "d", PreprocessConfig(val=5, overwrite=True))
     assert manifest["splits"]["val"]["sequences"] == 5 and load_manifest(tmp_path / "d") == manifest

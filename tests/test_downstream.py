@@ -321,7 +321,7 @@ def test_the_head_reads_the_layer_asked_for_frozen_or_finetuned(tiny_model, tiny
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "r")]) == 2
-    assert "missing.csv: no such file" in capsys.readouterr().err
+    assert "missing.csv: cannot open: No such file or directory" in capsys.readouterr().err
     assert main(["finetune", str(LOCALIZATION), "--features", "composition", "--head", "cnn", "-o",
                  str(tmp_path / "r")]) == 2  # fmt: skip
     assert "the cnn head is for per-residue tasks" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prott5nv.data import fastscan
-from prott5nv.errors import FastaFormatError, InvalidSequenceError
+from prott5nv.errors import FastaFormatError, InputFileError, InvalidSequenceError
 from prott5nv.fasta import FastaReader, read_fasta
 from prott5nv.sequence import SequencePolicy
 
@@ -128,8 +128,22 @@ def test_empty_file_and_missing_file(tmp_path: Path) -> None:
     empty = write(tmp_path / "empty.fa", "\n\n")
     with pytest.raises(FastaFormatError, match=f"^{empty}: no FASTA records found$"):
         list(read_fasta(empty))
-    with pytest.raises(FastaFormatError, match="missing.fa: cannot open: No such file or directory"):
+    with pytest.raises(InputFileError, match="missing.fa: cannot open: No such file or directory"):
         list(read_fasta(tmp_path / "missing.fa"))
+    with pytest.raises(InputFileError, match=f"^{tmp_path}: cannot open: Is a directory$"):
+        list(read_fasta(tmp_path))
+
+
+def test_byte_order_mark_and_leading_blank_lines_read_as_the_plain_file(first_records, tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark (Windows editors) and blank lines before the first record: skipped, plain or
+    gzip, with the same records and header line numbers as without the mark."""
+    plain = "\n\n" + "".join(f">{rid} real\n{seq}\n" for rid, seq, _ in first_records[:5])
+    want = [(r.id, r.sequence, r.line) for r in read_fasta(write(tmp_path / "plain.fa", plain))]
+    assert [(rid, seq) for rid, seq, _ in want] == [(rid, seq) for rid, seq, _ in first_records[:5]]
+    assert want[0][2] == 3
+    marked = b"\xef\xbb\xbf" + plain.encode()
+    for name, data in (("bom.fa", marked), ("bom.fa.gz", gzip.compress(marked))):
+        assert [(r.id, r.sequence, r.line) for r in read_fasta(write(tmp_path / name, data))] == want
 
 
 def bad_file(first_records, tmp_path: Path, edit) -> tuple[Path, str]:

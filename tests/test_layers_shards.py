@@ -16,9 +16,13 @@ from conftest import SWISSPROT, copy_first_records
 import prott5nv
 from prott5nv.cli import main
 from prott5nv.errors import ConfigError
+from prott5nv.fasta import write_fasta
+from prott5nv.inference import store
+from prott5nv.inference.chunking import chunk_starts, stitch
 from prott5nv.inference.embed import EmbedOptions, embed_fasta
 from prott5nv.inference.shards import in_shard, shard_size
 from prott5nv.inference.store import partial_path
+from prott5nv.inference.writers import read_output
 
 # a cheap embedding of real proteins: 60 Swiss-Prot records cut to 200 residues, windows of 7 records
 # (9 windows: the 4 shards get 3, 2, 2 and 2 windows), the tiny 2-layer model
@@ -149,6 +153,82 @@ def test_resume_with_other_layers_is_refused(tmp_path, tiny_checkpoint, capsys):
     assert "\n" not in err and "layers: [2, 1] before, [1] now" in err and "--restart" in err
     assert main(["embed", str(fasta), "-o", str(out), *flags, "--layers", "-1,1"]) == 0
     assert "resumed from an interrupted run" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- layers x long proteins
+# --chunk windows of 200 residues overlapping by 50; blocks of 64 KiB: a protein of up to 128 residues is
+# read back whole, longer ones as strided rows on disk (DiskRows), 128 residues a block
+CHUNK = ["--chunk", "--max-length", "200", "--chunk-overlap", "50", "--per-residue", "--pooling", "mean,max,first",
+         "--threads", "1"]  # fmt: skip
+
+
+def long_and_short(path: Path) -> tuple[Path, list]:
+    """Real Swiss-Prot proteins: two short (one piece, read back whole), one of 300-600 residues and the
+    first of over 1,000 (chunked, streamed)."""
+    recs = list(prott5nv.read_fasta(SWISSPROT))
+    chosen = [r for r in recs if len(r.sequence) <= 100][:2]
+    chosen += [next(r for r in recs if 300 <= len(r.sequence) <= 600), next(r for r in recs if len(r.sequence) > 1000)]
+    write_fasta([(r.id, r.sequence) for r in chosen], path)
+    return path, chosen
+
+
+def read_all(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every protein's arrays by id (rows on disk read in while their file is open)."""
+    return {rid: {k: np.asarray(v) for k, v in arrays.items()} for _, rid, _, arrays in read_output(path).proteins()}
+
+
+@pytest.mark.parametrize("fmt", list(EXT))
+def test_chunked_proteins_stream_every_layer(tmp_path, tiny_checkpoint, monkeypatch, fmt):
+    """--chunk with two layers and every output: a long protein is streamed window by window (rows of all
+    layers together) and each layer read back on its own; each layer's per-residue output is the stitching
+    of that layer's window states (each window embedded alone), its poolings are over the stitched
+    residues, and the last layer's outputs are the single-layer run's bit for bit."""
+    monkeypatch.setattr(store, "BLOCK_BYTES", 1 << 16)
+    fasta, recs = long_and_short(tmp_path / "in.fasta")
+    flags = [*CHUNK, "--model", str(tiny_checkpoint)]
+    out, single = tmp_path / f"layers{EXT[fmt]}", tmp_path / f"single{EXT[fmt]}"
+    assert main(["embed", str(fasta), "-o", str(out), *flags, "--layers", "-1,1"]) == 0
+    assert main(["embed", str(fasta), "-o", str(single), *flags]) == 0
+    got, base = read_all(out), read_all(single)
+    assert list(got) == list(base) == [r.id for r in recs]
+    model = prott5nv.load(str(tiny_checkpoint))
+    for r in recs:
+        for kind in ("mean", "max", "first", "per_residue"):
+            assert np.array_equal(got[r.id][f"layer2_{kind}"], base[r.id][kind]), (r.id, kind)
+        n = len(r.sequence)
+        starts = chunk_starts(n, 200, 50)
+        size = min(n, 200)
+        windows = [model.seqs_to_hiddens([r.sequence[s : s + size]], layers=[-1, 1])[0][:, 0] for s in starts]
+        stitched = stitch([w.numpy().transpose(1, 0, 2) for w in windows], starts, n)  # [n, layers, D]
+        for k, layer in enumerate((2, 1)):
+            rows = got[r.id][f"layer{layer}_per_residue"]
+            assert rows.shape == (n, model.embedding_dim) and rows.dtype == np.float32
+            np.testing.assert_allclose(rows, stitched[:, k], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(got[r.id][f"layer{layer}_mean"], rows.mean(0, dtype=np.float64), rtol=1e-6,
+                                       atol=1e-7)  # fmt: skip
+            assert np.array_equal(got[r.id][f"layer{layer}_max"], rows.max(0))
+            assert np.array_equal(got[r.id][f"layer{layer}_first"], rows[0])
+
+
+@pytest.mark.parametrize("fmt", list(EXT))
+def test_shards_of_chunked_layered_runs_merge_bit_for_bit(tmp_path, tiny_checkpoint, monkeypatch, fmt):
+    """Shards (windows of one record) of a run with chunked proteins, two layers and per-residue output
+    merge into the one-process output bit for bit; merge copies the long proteins' rows block by block
+    (HDF5 and .npy shards read them as rows on disk; a Parquet row is one value, read whole)."""
+    monkeypatch.setattr(store, "BLOCK_BYTES", 1 << 16)
+    fasta, recs = long_and_short(tmp_path / "in.fasta")
+    flags = [*CHUNK, "--model", str(tiny_checkpoint), "--layers", "0,-1", "--window", "1"]
+    one = tmp_path / f"one{EXT[fmt]}"
+    assert main(["embed", str(fasta), "-o", str(one), *flags]) == 0
+    parts = [tmp_path / f"part{k}{EXT[fmt]}" for k in (1, 2)]
+    for k, part in enumerate(parts, 1):
+        assert main(["embed", str(fasta), "-o", str(part), *flags, "--shard", f"{k}/2"]) == 0
+    on_disk = {rid for _, rid, _, arrays in read_output(parts[1]).proteins()
+               if not isinstance(arrays["layer0_per_residue"], np.ndarray)}  # fmt: skip
+    assert on_disk == (set() if fmt == "parquet" else {recs[3].id})  # records 1 and 3: the short and the longest
+    merged = tmp_path / f"merged{EXT[fmt]}"
+    assert main(["merge", str(merged), *map(str, parts)]) == 0
+    assert_same_output(one, merged, fmt)
 
 
 # ------------------------------------------------------------------------------------------- shards

@@ -211,3 +211,72 @@ def test_embed_api_never_replaces_a_foreign_directory(tmp_path, tiny_model):
     embed_fasta(tiny_model, inp, tmp_path / "e")
     embed_fasta(tiny_model, inp, tmp_path / "e")  # a previous output: replaced
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["attrs.tsv", "index.tsv", "p1.npy", "p2.npy"]
+
+
+LOCALIZATION = Path(__file__).parent / "data" / "localization_600.csv.gz"
+
+# directory outputs: argv given the output and the model; a stale entry a previous output of the same command
+# may hold that the new one does not write (replaced: removed), and the marker every output has
+DIR_OUTPUTS = {
+    "embed-npy": (lambda o, m: ["embed", "in.fa", "-o", o, "--model", m], "P99999.npy", "index.tsv"),
+    "convert": (lambda o, m: ["convert", m, o], "prott5nv_tokenizer.json", "config.json"),
+    "preprocess": (lambda o, m: ["preprocess", "in.fa", "-o", o], "_work", "manifest.json"),
+    "finetune": (lambda o, m: ["finetune", str(LOCALIZATION), "-o", o, "--features", "composition",
+                               "--max-epochs", "2"], "old_plot.png", "predictor.json"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", DIR_OUTPUTS)
+def test_overwrite_keeps_what_the_command_does_not_write(workdir, tiny_checkpoint, capsys, command):
+    """`prott5nv convert RUN/model src/prott5nv/pretrained/prott5nv-demo --overwrite` deleted the model card
+    README.md beside the checkpoint files: --overwrite replaces the entries the command writes (and removes
+    stale ones of its earlier output) but keeps everything else, in the same rename."""
+    argv, stale, marker = DIR_OUTPUTS[command]
+    out = workdir / "out"
+    assert cli_main(argv("out", str(tiny_checkpoint))) == 0
+    (out / "README.md").write_text("model card\n")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("precious\n")
+    (out / "link.txt").symlink_to("README.md")
+    (out / stale).mkdir() if stale == "_work" else (out / stale).write_text("stale\n")
+    (out / marker).write_text("{}\n")  # changed: the rerun must write it again
+    assert cli_main([*argv("out", str(tiny_checkpoint)), "--overwrite"]) == 0
+    assert (out / "README.md").read_text() == "model card\n"
+    assert (out / "notes" / "todo.txt").read_text() == "precious\n"
+    assert os.readlink(out / "link.txt") == "README.md"
+    assert not (out / stale).exists() and (out / marker).read_text() != "{}\n"
+    assert sorted(p.name for p in workdir.iterdir() if p.name.startswith(".")) == []  # no temporaries left
+
+
+@pytest.mark.parametrize("command", DIR_OUTPUTS)
+def test_an_empty_directory_is_a_new_output(workdir, tiny_checkpoint, command):
+    """An empty directory holds nothing to lose: accepted without --overwrite (`mkdir out` first)."""
+    argv, _, marker = DIR_OUTPUTS[command]
+    (workdir / "out").mkdir()
+    assert cli_main(argv("out", str(tiny_checkpoint))) == 0
+    assert (workdir / "out" / marker).is_file()
+
+
+def test_pretrain_run_directory(workdir, capsys):
+    """pretrain's --out is a run directory: rerunning resumes it, so an earlier run's directory (its
+    config.yaml) is accepted; anything else that exists, an input, '.' or an unwritable place is refused
+    before any work, and a data directory without training sequences leaves no run directory behind."""
+    assert cli_main(["preprocess", "in.fa", "-o", "data", "--val", "2"]) == 0  # both records in val
+    make_existing(workdir / "foreign", "dir")
+    base = ["pretrain", "--data", "data", "--preset", "tiny", "--max-steps", "1"]
+    refused([*base, "--out", "data"], workdir, capsys, "data")
+    refused([*base, "--out", "."], workdir, capsys, ".")
+    err = refused([*base, "--out", "foreign"], workdir, capsys, "foreign")
+    assert "not an output of this command" in err
+    ro = _unwritable_dir(workdir)
+    target = "ro/run" if ro is not None else "/proc/run"
+    try:
+        assert "cannot create files" in refused([*base, "--out", target], workdir, capsys, target)
+    finally:
+        if ro is not None:
+            ro.chmod(0o755)
+    before = snapshot(workdir)
+    assert cli_main([*base, "--out", "new_run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "prott5nv pretrain: error: data: the train split is empty (preprocess with a smaller --val/--test)"
+    assert snapshot(workdir) == before

@@ -358,7 +358,7 @@ def test_oversized_input_gets_413(servers, proteins):
     assert r.status_code == 413 and r.json()["detail"] == "num_samples 17 exceeds the server limit of 16"
     r = post(server.url + "/v1/infill", {"sequences": [{"id": "m", "sequence": "MKT<mask:99999999999>A"}]})
     assert r.status_code == 413 and r.json() == {  # refused before the masked text is built
-        "detail": "m: more than 512 residues (masked ones included)", "id": "m", "index": 0}  # fmt: skip
+        "detail": "record 'm': more than 512 residues (masked ones included)", "id": "m", "index": 0}  # fmt: skip
     long_seq = "".join(s for _, s in proteins[:3])[:513]
     r = post(url, {"sequences": [{"id": "a", "sequence": "MKV"}, {"id": "long", "sequence": long_seq}]})
     assert r.status_code == 413 and (r.json()["id"], r.json()["index"]) == ("long", 1)
@@ -567,3 +567,34 @@ def test_timed_out_request_is_dropped_from_the_queue(tiny_model, real_proteins, 
         batcher.stop()
     assert slow.result() is True and calls == []  # the timed-out request was never computed
     assert batcher.pending == 0
+
+
+def test_start_up_failures_are_one_line_before_the_model_loads(tmp_path, capsys):
+    """Bad limits or threads, an unreadable key file, an address in use or impossible: one line, exit 2,
+    and before the model is loaded (the model named does not exist: loaded first, it would be the error)."""
+    from prott5nv.cli import main
+
+    free = _free_port()
+    missing_model = str(tmp_path / "no_model")
+    (tmp_path / "binary_keys").write_bytes(b"\xff\xfe\x00")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for flags, message in (
+            (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (["--port", "70000"], "cannot listen on 127.0.0.1:70000: a TCP port is 0-65535"),
+            (["--max-sequences", "0"], "serve limit max_sequences must be positive, got 0"),
+            (["--timeout", "-1"], "serve limit timeout_s must be positive, got -1"),
+            (["--threads", "0"], "--threads must be >= 1, got 0"),
+            (["--api-key-file", str(tmp_path / "nope")], "cannot read API key file"),
+            (["--api-key-file", str(tmp_path / "binary_keys")], "is not UTF-8 text"),
+        ):
+            assert main(["serve", "--model", missing_model, "--port", str(free), *flags]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and err.startswith("prott5nv serve: error: ") and message in err, err
+    assert main(["serve", "--model", missing_model, "--port", str(free)]) == 2  # the model: one line too
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no_model" in err, err
+    with socket.socket() as s:  # and the address it had bound is free again
+        s.bind(("127.0.0.1", free))

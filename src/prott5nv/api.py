@@ -169,11 +169,12 @@ class ProtT5nv:
 
     @staticmethod
     def hiddens_to_embedding(hiddens: Tensor, mask: Tensor) -> Tensor:
-        """Per-protein embedding: the mean over real residues (padding excluded); ``[B, D]``, or
-        ``[layers, B, D]`` from stacked layers ``[layers, B, L, D]``."""
-        mask = mask.to(hiddens.dtype)[..., None]
+        """Per-protein embedding: the mean over real residues (padding excluded), summed in float64 as
+        `embed` does (so that both give the same bits for the same states); ``[B, D]``, or ``[layers, B, D]``
+        from stacked layers ``[layers, B, L, D]``."""
+        mask = mask.to(torch.float64)[..., None]
         lengths = mask.sum(-2).clamp(min=1.0)
-        return (hiddens * mask).sum(-2) / lengths
+        return ((hiddens.to(torch.float64) * mask).sum(-2) / lengths).to(hiddens.dtype)
 
     def seqs_to_embedding(
         self,

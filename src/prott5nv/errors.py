@@ -25,6 +25,11 @@ class SequenceTooLongError(InvalidSequenceError):
     """One or more sequences exceed the model's maximum length under the `refuse` policy."""
 
 
+class InputFileError(ProtT5nvError):
+    """An input file cannot be opened (missing, a directory, no permission) or read to its end (truncated
+    or damaged gzip data: the message names the line where the data ends)."""
+
+
 class CheckpointError(ProtT5nvError):
     """A checkpoint cannot be found, read, or represented by this package."""
 

@@ -16,13 +16,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data.fastscan import BlockScanner, FastaBlock, open_maybe_gzip, record_id_from_header
+from .data.fastscan import (
+    READ_ERRORS,
+    BlockScanner,
+    FastaBlock,
+    check_input,
+    open_maybe_gzip,
+    read_problem,
+    record_id_from_header,
+)
 from .errors import FastaFormatError
 from .sequence import DEFAULT_POLICY, SequencePolicy
 
 __all__ = [
-    "FastaBlock", "FastaReader", "FastaRecord", "open_maybe_gzip", "read_fasta", "record_id_from_header",
-    "write_fasta",
+    "READ_ERRORS", "FastaBlock", "FastaReader", "FastaRecord", "check_input", "open_maybe_gzip", "read_fasta",
+    "read_problem", "record_id_from_header", "write_fasta",
 ]  # fmt: skip
 
 
@@ -43,7 +51,10 @@ class FastaReader(BlockScanner):
     still raise. `on_read` sees every raw chunk read from disk (for checksums and progress; a read-only
     view valid during the call). Valid records shorter than `min_length` or longer than `max_length`
     are counted in :attr:`too_short` / :attr:`too_long` (and in :attr:`records`) but not yielded, and
-    their ids are not checked for duplicates.
+    their ids are not checked for duplicates. `raw`: sequences as written (case kept, whitespace
+    removed, nothing else checked but emptiness) for text that carries more than residues -- the masked
+    proteins of `generate`/`infill`, checked by their own parser; the file is read as always otherwise
+    (ids, duplicates, line numbers, gzip, errors).
     """
 
     path: str | os.PathLike
@@ -58,6 +69,7 @@ class FastaReader(BlockScanner):
     max_length: int | None = None
     too_short: int = 0
     too_long: int = 0
+    raw: bool = False
 
     def __iter__(self) -> Iterator[FastaRecord]:
         for block in self._iter_blocks(describe=True):
@@ -66,7 +78,7 @@ class FastaReader(BlockScanner):
             ):
                 yield FastaRecord(
                     id=rid.decode("utf-8", errors="replace"),
-                    sequence=seq.decode("ascii"),
+                    sequence=seq.decode("utf-8", errors="replace") if self.raw else seq.decode("ascii"),
                     description=desc.decode("utf-8", errors="replace").strip(),
                     line=line,
                 )
@@ -78,11 +90,7 @@ class FastaReader(BlockScanner):
 
     def _iter_blocks(self, describe: bool) -> Iterator[FastaBlock]:
         name = str(self.path)
-        try:
-            fh = open_maybe_gzip(self.path, self.on_read)
-        except OSError as exc:
-            raise FastaFormatError(f"{name}: cannot open: {exc.strerror or exc}") from None
-        with fh:
+        with open_maybe_gzip(self.path, self.on_read) as fh:
             yield from self.scan_blocks(fh, name, describe)
         if self.records == 0 and self.skipped == 0:
             raise FastaFormatError(f"{name}: no FASTA records found")

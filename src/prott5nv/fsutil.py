@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import IO
 
 from .errors import OutputError, ProtT5nvError
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -35,8 +39,10 @@ def check_output(
     * it is one of the `inputs` or a directory holding one (resolved paths: links and ``./`` do not hide it);
     * it is a directory where a file (`kind` "file") is expected, or not a directory where a directory
       (`kind` "dir") is expected -- even with `overwrite`;
-    * it exists and `overwrite` is false; with `overwrite`, an existing directory is replaced only when it
-      holds `marker` (a file every output of this command has), i.e. only what the command itself writes;
+    * it exists and `overwrite` is false (an empty directory is no loss: accepted as a directory output);
+      with `overwrite`, an existing directory is accepted only when it holds `marker` (a file every
+      output of this command has) -- and then only the entries the command writes are replaced, the
+      others kept (:func:`replace_path`);
     * no file can be created where it would go (the nearest existing ancestor is not a writable directory:
       a probe file is created there and removed, which also catches read-only file systems and root).
 
@@ -59,12 +65,13 @@ def check_output(
             raise OutputError(f"output '{path}' is a directory, expected an output file name")
         if kind != "file" and not p.is_dir():
             raise OutputError(f"output '{path}' exists and is not a directory (this command writes a directory)")
-        if not overwrite:
+        empty = p.is_dir() and not p.is_symlink() and next(p.iterdir(), None) is None
+        if not overwrite and not empty:
             raise OutputError(f"output '{path}' already exists (use --overwrite to replace it)")
-        if marker is not None and p.is_dir() and not (p / marker).exists():
+        if marker is not None and p.is_dir() and not empty and not (p / marker).exists():
             raise OutputError(
                 f"output '{path}' is a directory without {marker}, so not an output of this command; "
-                "--overwrite replaces only those: remove it yourself or choose another name"
+                "choose another name"
             )
     where = Path(os.path.abspath(p)).parent
     while not where.exists() and where != where.parent:
@@ -81,9 +88,11 @@ def check_output(
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, owns: Sequence[str] | None = None) -> Iterator[Path]:
     """Yield a hidden temporary directory beside `path`; on success it replaces `path` (rename), on
-    error it is removed. Readers never see a half-written directory."""
+    error it is removed. Readers never see a half-written directory. `owns`: the names (glob patterns)
+    of the entries the writer makes; the other entries of an existing `path` are kept
+    (:func:`replace_path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -93,14 +102,28 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):
             f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        replace_path(tmp, path)
+        replace_path(tmp, path, owns)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def replace_path(src: Path, dst: Path) -> None:
+def replace_path(src: Path, dst: Path, owns: Sequence[str] | None = None) -> None:
     """Move `src` to `dst`, replacing it. A file replaces in one rename; an existing directory cannot be
-    renamed over, so it is moved aside first and removed after `src` took its place."""
+    renamed over, so it is moved aside first and removed after `src` took its place.
+
+    `owns` (directories): glob patterns of the top-level entries the writer of `src` makes. Entries of
+    the old `dst` matching none of them (a model card, a user's notes) are not the writer's to delete:
+    they are carried into `src` first (hard links, copies where links fail), so the new directory
+    appears with them in one rename. None: `dst` is replaced whole (it holds only the writer's files).
+    """
+    if src.is_dir() and dst.is_dir() and not dst.is_symlink() and owns is not None:
+        kept = [e for e in sorted(os.listdir(dst))
+                if not any(fnmatch.fnmatchcase(e, pat) for pat in owns) and not (src / e).exists()]  # fmt: skip
+        for name in kept:
+            _link_tree(dst / name, src / name)
+        if kept:
+            shown = ", ".join(kept[:5]) + (" ..." if len(kept) > 5 else "")
+            log.info("%s: kept %s (not written by this command)", dst, shown)
     if src.is_dir() and dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
         old.rmdir()
@@ -109,6 +132,24 @@ def replace_path(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Make `dst` the same entry as `src`: files hard-linked (copied where the file system refuses),
+    directories rebuilt, links kept as links."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(str(src), str(dst))
 
 
 @contextlib.contextmanager

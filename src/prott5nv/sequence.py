@@ -28,7 +28,8 @@ class SequencePolicy:
 DEFAULT_POLICY = SequencePolicy()
 
 
-def _where(record_id: str | None, source: str | None, line: int | None) -> str:
+def location(record_id: str | None, source: str | None = None, line: int | None = None) -> str:
+    """Where a record is, as every message names it: ``FILE:LINE, record 'ID'`` (the parts known)."""
     parts = []
     if source:
         parts.append(f"{source}:{line}" if line else source)
@@ -44,17 +45,22 @@ def clean_sequence(
     *,
     source: str | None = None,
     line: int | None = None,
+    offset: int = 0,
+    final_stop: bool = True,
 ) -> str:
     """Return `raw` upper-cased with whitespace removed, a single trailing `*` dropped, and every letter
     checked against the 25-letter alphabet. Raises :class:`InvalidSequenceError` naming the record, the
     position (1-based, in the cleaned sequence) and the character otherwise.
+
+    For a part of a protein (the residues between masks of a masked protein): `offset` residues come
+    before it (positions are the protein's), and `final_stop=False` keeps a final `*` (an error there).
     """
     seq = raw.translate({ord(c): None for c in _WHITESPACE}).upper()
-    if seq.endswith("*"):
+    if final_stop and seq.endswith("*"):
         seq = seq[:-1]
     if policy.strip_gaps:
         seq = seq.replace("-", "").replace(".", "")
-    where = _where(record_id, source, line)
+    where = location(record_id, source, line)
     prefix = f"{where}: " if where else ""
     if not seq:
         raise InvalidSequenceError(f"{prefix}empty sequence", record=record_id)
@@ -74,6 +80,7 @@ def clean_sequence(
                 problem = f"unknown residue '{ch}' (use --unknown-to-x to map unknown letters to X)"
             else:
                 problem = f"invalid character {ch!r}"
-            raise InvalidSequenceError(f"{prefix}{problem} at position {i + 1}", record=record_id, position=i + 1)
+            at = offset + i + 1
+            raise InvalidSequenceError(f"{prefix}{problem} at position {at}", record=record_id, position=at)
         seq = "".join(chars)
     return seq

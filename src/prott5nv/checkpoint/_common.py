@@ -17,6 +17,11 @@ from ..errors import CheckpointError
 from ..model.config import T5Config
 from ..model.t5 import T5Model, weight_dtypes
 
+#: Every file a checkpoint directory of either format (native, HF) may hold: what `convert --overwrite`
+#: replaces in an existing one (anything else there, a model card, is kept).
+HF_TOKENIZER_FILE = "prott5nv_tokenizer.json"  # our tokenizer beside an HF T5 directory's files
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", HF_TOKENIZER_FILE)
+
 Transform = Callable[[list[Tensor]], Tensor]
 
 

@@ -36,12 +36,20 @@ from ..fsutil import atomic_directory
 from ..model.config import T5Config
 from ..model.t5 import T5Model
 from ..tokenizer import ROSTLAB_PIECES, ProteinTokenizer
-from ._common import KeyRule, LazyTensors, apply_rules, empty_model, load_state_dict_strict
+from ._common import (
+    CHECKPOINT_FILES,
+    HF_TOKENIZER_FILE,
+    KeyRule,
+    LazyTensors,
+    apply_rules,
+    empty_model,
+    load_state_dict_strict,
+)
 from .sentencepiece import read_pieces
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_NAME = "prott5nv_tokenizer.json"
+TOKENIZER_NAME = HF_TOKENIZER_FILE
 # our activation -> HF feed_forward_proj
 ACT_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "gated-gelu": "gated-gelu",
              "gated-relu": "gated-relu"}  # fmt: skip
@@ -334,7 +342,7 @@ def save_hf(
         for key, part in zip(rule.theirs, w.chunk(len(rule.theirs), dim=0), strict=True):
             out[key] = part.contiguous()
     weight_dtype = dtype or state["embeddings.word_embeddings.weight"].dtype
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, owns=CHECKPOINT_FILES) as tmp:
         save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_cfg = config_to_hf(config, tokenizer, weight_dtype)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

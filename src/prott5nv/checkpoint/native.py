@@ -20,7 +20,7 @@ from ..fsutil import atomic_directory
 from ..model.config import T5Config
 from ..model.t5 import T5Model
 from ..tokenizer import ProteinTokenizer
-from ._common import LazyTensors, empty_model, load_state_dict_strict, read_json
+from ._common import CHECKPOINT_FILES, LazyTensors, empty_model, load_state_dict_strict, read_json
 
 FORMAT = "prott5nv"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ def save_pretrained(
 ) -> Path:
     """Write `model` and `tokenizer` as a native checkpoint directory, atomically (temp dir + rename).
     `dtype` converts floating weights (e.g. bfloat16 to halve the size)."""
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, owns=CHECKPOINT_FILES) as tmp:
         write_native(model, tokenizer, tmp, dtype=dtype, extra=extra)
     return Path(path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -29,6 +30,19 @@ def precision_arg(value: str) -> str:
 def precision_or_auto(value: str) -> str:
     """:func:`precision_arg`, or "auto" (bfloat16 where the device supports it)."""
     return value if value == "auto" else precision_arg(value)
+
+
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+
+
+def description(doc: str | None) -> str | None:
+    """A command module's docstring, past its first paragraph, as `--help` shows it: Sphinx roles as plain
+    names (``:class:`~a.b.C` `` -> C) and double-backquoted literals single-quoted."""
+    if not doc or "\n\n" not in doc:
+        return None
+    text = doc.split("\n\n", 1)[1]
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    return text.replace("``", "`")
 
 
 def default_text(value: object) -> str:
@@ -117,7 +131,8 @@ def sequence_policy(args: argparse.Namespace) -> SequencePolicy:
 
 def add_overwrite_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output (atomically; only a previous output of this command)")  # fmt: skip
+                   help="replace an existing output (atomically; only a previous output of this command, and in a "
+                   "directory only the entries it writes: other files there are kept)")  # fmt: skip
 
 
 def existing(*paths: str | None) -> list[str]:

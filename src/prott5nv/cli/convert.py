@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="convert the weights (default: keep float32; fp32, bf16, fp16 accepted)")
     p.add_argument("--merge-lora", action="store_true", help="SRC is a `finetune --lora` run: write its base model "
                    "with the adapters merged into the encoder (the head is not part of a checkpoint)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it is a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is a checkpoint directory (its checkpoint files; others there, e.g. a "
+                   "model card, are kept)")  # fmt: skip
     p.set_defaults(func=run)
 
 

@@ -16,8 +16,7 @@ import re
 from tqdm import tqdm
 
 from ..data.batching import DEFAULT_BATCH_TOKENS
-from ..fsutil import check_output
-from ..inference.writers import FORMATS, NPY_INDEX, POOLINGS, format_from_path
+from ..inference.writers import FORMATS, POOLINGS, check_output, format_from_path
 from .common import (
     add_length_args,
     add_model_args,
@@ -36,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="embed proteins of a FASTA file (HDF5, .npy directory or Parquet)",
         description="Embed every protein of a FASTA file (plain or gzip) with the encoder. Output by name: "
         "OUT.h5 (bio_embeddings layout: one dataset per protein named by its FASTA id, attribute "
-        "original_id), OUT.parquet (one row per protein) or a directory of .npy files. Default: the mean "
-        "over residues (D,); --pooling and --per-residue choose other outputs. An interrupted run "
+        "original_id), OUT.parquet (one row per protein) or OUT without a suffix, a directory of .npy files. "
+        "Default: the mean over residues (D,); --pooling and --per-residue choose other outputs. An interrupted run "
         "(Ctrl-C, kill) resumes when the same command is run again. Several processes: "
         "`torchrun --nproc-per-node N -m prott5nv embed ...`; several machines: --shard K/N, then "
         "`prott5nv merge`.",
@@ -140,9 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..inference.embed import EmbedOptions, embed_fasta
 
-    npy = (args.format or format_from_path(args.output)) == "npy"  # a directory of .npy files
-    check_output(args.output, inputs=existing(args.input, args.model), overwrite=args.overwrite,
-                 kind="dir" if npy else "file", marker=NPY_INDEX)  # fmt: skip
+    fmt = args.format or format_from_path(args.output)
+    check_output(fmt, args.output, inputs=tuple(existing(args.input, args.model)), overwrite=args.overwrite)
     rank, world, local_rank = distributed_env()
     if world > 1 and args.device in ("cuda", "auto") and torch.cuda.is_available():
         args.device = f"cuda:{local_rank}"

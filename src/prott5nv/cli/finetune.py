@@ -28,6 +28,7 @@ from .common import (
     add_model_args,
     add_overwrite_arg,
     add_sequence_policy_args,
+    description,
     existing,
     length_options,
     sequence_policy,
@@ -59,7 +60,7 @@ FIT_DEFAULTS = FitOptions()
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune", help="train a downstream predictor (frozen features or fine-tuning)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("task_file", help="CSV/TSV task table, or FASTA with --labels")

@@ -6,15 +6,19 @@ import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from tqdm import tqdm
 
-from ..errors import ConfigError, FastaFormatError
-from ..fasta import open_maybe_gzip, record_id_from_header
+from ..errors import ConfigError, SequenceTooLongError
+from ..fasta import FastaReader
 from ..fsutil import atomic_text_file, check_output
+from ..sequence import location
 from ..tokenizer import require_distinct_sentinels
 from .common import add_model_args, add_overwrite_arg, add_sequence_policy_args, existing, load_model, sequence_policy
+
+if TYPE_CHECKING:
+    from ..api import ProtT5nv
 
 MASK_HELP = (
     "Masks: '<mask>' hides one residue (its own sentinel, as in ProtT5nv pretraining); '<mask:K>' hides a "
@@ -45,27 +49,35 @@ def check_outputs(args: argparse.Namespace, *outputs: str | None) -> None:
 
 
 def read_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """``(id, masked text)`` pairs from --sequence and/or the FASTA input; mask syntax is checked later.
-    The FASTA is read as text (not through the residue-checking reader) so that '<mask>' survives."""
-    records = [(f"seq{i + 1}", s) for i, s in enumerate(args.sequence)]
-    if args.input:
-        with open_maybe_gzip(args.input) as fh:
-            seen_header = False
-            for n, raw in enumerate(fh, 1):
-                line = raw.decode("utf-8", errors="replace").strip()
-                if line.startswith(">"):
-                    rid = record_id_from_header(line[1:]) or f"record{len(records) + 1}"
-                    records.append((rid, ""))
-                    seen_header = True
-                elif line:
-                    if not seen_header:
-                        raise FastaFormatError(f"{args.input}:{n}: sequence before the first '>' header")
-                    records[-1] = (records[-1][0], records[-1][1] + line)
-    if not records:
-        raise ConfigError("no input: give a FASTA file or --sequence")
+    """``(id, masked text)`` pairs from --sequence and/or the FASTA input, every one's mask syntax and
+    residues checked (:func:`check_inputs`, once the tokenizer is known). The FASTA reader keeps the
+    text as written (``raw``: '<mask>' survives) and checks the file as for every command."""
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return records
+    records = [(f"seq{i + 1}", s, None) for i, s in enumerate(args.sequence)]
+    if args.input:
+        records += [(r.id, r.sequence, r.line) for r in FastaReader(args.input, sequence_policy(args), raw=True)]
+    if not records:
+        raise ConfigError("no input: give a FASTA file or --sequence")
+    args.where = {rid: line for rid, _, line in records}  # header lines, for check_inputs' messages
+    return [(rid, text) for rid, text, _ in records]
+
+
+def check_inputs(args: argparse.Namespace, model: ProtT5nv, records: list[tuple[str, str]]) -> None:
+    """Parse every masked protein before any decoding: a bad or too long one stops the run at once, its
+    message naming the file, the header line, the record and the position (masked residues counted)."""
+    from ..inference.infill import parse_masked
+
+    limit = model.config.max_length
+    for rid, text in records:
+        line = args.where.get(rid)
+        source = args.input if line else None
+        masked = parse_masked(text, model.tokenizer, rid, sequence_policy(args), source=source, line=line)
+        if limit is not None and len(masked.encoder_ids) > limit:
+            raise SequenceTooLongError(
+                f"{location(rid, source, line)}: {len(masked.encoder_ids)} encoder tokens, more than the model's "
+                f"{limit} positions"
+            )
 
 
 @contextmanager
@@ -111,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     if any("<mask" in text for _, text in records):  # refused before any progress is shown
         require_distinct_sentinels(model.tokenizer, "generation from masked input")
+    check_inputs(args, model, records)
     settings = dict(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, length_penalty=args.length_penalty,

@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..sequence import STANDARD_RESIDUES
 from ..tokenizer import require_distinct_sentinels
 from .common import load_model, sequence_policy
-from .generate import MASK_HELP, add_input_args, check_outputs, output_stream, read_inputs, summary
+from .generate import MASK_HELP, add_input_args, check_inputs, check_outputs, output_stream, read_inputs, summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     records = read_inputs(args)
     model = load_model(args)
     require_distinct_sentinels(model.tokenizer, "infilling")  # before any progress is shown
+    check_inputs(args, model, records)
     policy = sequence_policy(args)
     results = []
     with tqdm(total=len(records), unit="prot", desc="infill") as bar:

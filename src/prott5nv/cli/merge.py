@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..fsutil import check_output
-from ..inference.writers import FORMATS, NPY_INDEX, format_from_path
+from ..inference.writers import FORMATS, check_output, format_from_path
 from .common import add_overwrite_arg
 
 
@@ -29,8 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..inference.shards import merge_shards
 
-    npy = (args.format or format_from_path(args.output)) == "npy"
-    check_output(args.output, inputs=args.shards, overwrite=args.overwrite, kind="dir" if npy else "file",
-                 marker=NPY_INDEX)  # fmt: skip
+    fmt = args.format or format_from_path(args.output)
+    check_output(fmt, args.output, inputs=tuple(args.shards), overwrite=args.overwrite)
     print(merge_shards(args.shards, args.output, fmt=args.format).line())
     return 0

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 
 from ..fsutil import check_output
-from .common import add_length_args, add_overwrite_arg, add_sequence_policy_args, existing, sequence_policy
+from .common import add_length_args, add_overwrite_arg, add_sequence_policy_args, description, existing, sequence_policy
 from .finetune import add_embedding_args, cache_dir, length_kwargs, progress_bars
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="predict with a predictor trained by `prott5nv finetune`",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("run_dir", help="run directory written by `prott5nv finetune`")

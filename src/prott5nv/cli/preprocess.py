@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip and count invalid records (bad characters, empty, duplicate ids) instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace DATA_DIR if it is a data directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DATA_DIR if it is a data directory (its store; other files there are kept)")
     add_sequence_policy_args(p)
     p.set_defaults(func=run)
 

@@ -14,9 +14,10 @@ import yaml
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..fsutil import check_output
 from ..precision import ALIASES, PRECISIONS
 from ..train.config import TrainConfig
-from .common import with_default
+from .common import description, existing, with_default
 
 # (field, type, help) -- every TrainConfig field settable from the command line; "(default: X)" is added
 # from TrainConfig (helps that say "default" themselves describe a default computed from other settings)
@@ -71,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain a model with T5 span corruption (the ProtT5nv recipe)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
@@ -112,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     from ..train.trainer import Pretrainer
 
     cfg = build_config(args)
+    if cfg.out:  # a run directory: new, empty, or an earlier run's (resumed); never an input, '.', unwritable
+        inputs = existing(cfg.data, cfg.init_from, args.config, cfg.probe_task)
+        check_output(cfg.out, inputs=inputs, overwrite=True, kind="dir", marker="config.yaml")
     probe = None
     if cfg.probe_task:
         from ..downstream.probe import PretrainProbe

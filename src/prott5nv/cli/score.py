@@ -10,8 +10,9 @@ from tqdm import tqdm
 
 from ..data.batching import DEFAULT_BATCH_TOKENS
 from ..errors import ConfigError, InvalidSequenceError
-from ..fasta import read_fasta
+from ..fasta import open_maybe_gzip, read_fasta
 from ..fsutil import atomic_text_file, check_output
+from ..sequence import location
 from .common import add_model_args, add_overwrite_arg, add_sequence_policy_args, existing, load_model, sequence_policy
 from .generate import summary
 
@@ -65,30 +66,36 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.output, inputs=existing(args.input, args.model), overwrite=args.overwrite)
     model = load_model(args)
-    bar = tqdm(unit="prot", desc="score", dynamic_ncols=True)
+    bars: list[tqdm] = []  # made once the input is read: nothing is printed before an input error
+
+    def on_start(n: int) -> None:
+        bars.append(tqdm(total=n, unit="prot", desc="score", dynamic_ncols=True))
+
     try:
         result = score_fasta(
             model, args.input, args.output, seed=args.seed, masked_lm_prob=args.mask_prob,
             batch_tokens=args.batch_tokens, policy=sequence_policy(args), pseudo_likelihood=args.pll,
-            on_start=lambda n: bar.reset(total=n), on_batch=bar.update,
+            on_start=on_start, on_batch=lambda n: bars[0].update(n),
         )  # fmt: skip
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(result.line())
     return 0
 
 
-def _wild_type(args: argparse.Namespace) -> str:
+def _wild_type(args: argparse.Namespace) -> tuple[str, str]:
+    """The wild type and how messages name it."""
     if args.sequence and args.input:
         raise ConfigError("give the wild type either as a FASTA file or with --sequence, not both")
     if args.sequence:
-        return args.sequence
+        return args.sequence, "wild type"
     if not args.input:
         raise ConfigError("no wild type: give a FASTA file or --sequence")
     records = list(read_fasta(args.input, sequence_policy(args)))
     if len(records) != 1:
         raise InvalidSequenceError(f"{args.input}: expected one wild-type protein, found {len(records)} records")
-    return records[0].sequence
+    return records[0].sequence, location(records[0].id, args.input, records[0].line)
 
 
 def run_variants(args: argparse.Namespace) -> int:
@@ -100,15 +107,16 @@ def run_variants(args: argparse.Namespace) -> int:
     check_output(args.output, inputs=inputs, overwrite=args.overwrite)
     variants = list(args.variants)
     if args.variants_file:
-        text = Path(args.variants_file).read_text()
+        with open_maybe_gzip(args.variants_file) as fh:  # as every input: gzip, a byte-order mark, one error
+            text = fh.read().decode("utf-8", errors="replace")
         variants += [v.strip() for line in text.splitlines() for v in line.split(",") if v.strip()]
     if not variants:
         raise ConfigError("no variants: list them as arguments or give --variants FILE")
     from ..inference.score import score_variants
 
-    wild_type = _wild_type(args)
+    wild_type, name = _wild_type(args)
     model = load_model(args)
-    scores = score_variants(model, wild_type, variants, policy=sequence_policy(args))
+    scores = score_variants(model, wild_type, variants, policy=sequence_policy(args), name=name)
     with atomic_text_file(args.output) as fh:
         w = csv.writer(fh)
         w.writerow(["variant", "score", "log_p_wt", "log_p_mut"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 
 from ..errors import ConfigError
 from ..serve.limits import ServeLimits, read_api_keys
@@ -72,6 +73,25 @@ def limits_from_args(args: argparse.Namespace) -> ServeLimits:
     )  # fmt: skip
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: an address in use or not of this machine is refused before the
+    model is loaded (one line, exit 2), not by uvicorn after it."""
+    if not 0 <= port <= 65535:  # getaddrinfo would take 70000 as 4464
+        raise ConfigError(f"cannot listen on {host}:{port}: a TCP port is 0-65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, OverflowError, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -81,17 +101,25 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{missing}: pip install 'prott5nv[serve]'") from None
     from ..serve.app import create_app
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    # everything a user can get wrong is checked before the model is loaded: flags, key file, address
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     limits = limits_from_args(args)
-    model = load_model(args)
-    app = create_app(model, limits, keys)
-    log.info("prott5nv serve: %s on http://%s:%d (docs: /docs)%s", model.name, args.host, args.port,
-             ", API key required" if keys else "")  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, access_log=not args.no_access_log, log_level="info")
+    limits.check()
+    keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    sock = listen(args.host, args.port)
+    try:
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        model = load_model(args)
+        app = create_app(model, limits, keys)
+        log.info("prott5nv serve: %s on http://%s:%d (docs: /docs)%s", model.name, args.host, args.port,
+                 ", API key required" if keys else "")  # fmt: skip
+        config = uvicorn.Config(app, host=args.host, port=args.port, access_log=not args.no_access_log,
+                                log_level="info")  # fmt: skip
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

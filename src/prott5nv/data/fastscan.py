@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import FastaFormatError, InvalidSequenceError
+from ..errors import FastaFormatError, InputFileError, InvalidSequenceError
 from ..sequence import RESIDUES, SequencePolicy, clean_sequence
 
 try:  # the optional C accelerator (setup.py); without it the numpy path parses
@@ -57,7 +57,9 @@ except ImportError:  # pragma: no cover - depends on the install
 log = logging.getLogger(__name__)
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors write first
 _CHUNK = 8 << 20
+_READ = 256 << 10  # bytes of inflated gzip data per read call
 _SCAN_THREADS = 2  # units parsed at once by the C accelerator
 _WHITESPACE = b" \t\r\n\v\f"
 _UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -216,20 +218,49 @@ class _Tap(io.RawIOBase):
         super().close()
 
 
+#: What reading a damaged input raises (truncated or corrupt gzip data, an I/O error).
+READ_ERRORS = (OSError, EOFError, zlib.error, _IsalError)
+
+
+def read_problem(path: str | os.PathLike, line: int, exc: BaseException) -> InputFileError:
+    """The one error for an input that cannot be read to its end, naming the last line read (gzip data is
+    inflated in blocks: the damage is in that line or within the next block's worth of text)."""
+    what = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"truncated or damaged gzip data ({exc})"
+    return InputFileError(f"{path}:{line}: cannot read past this line: {what}")
+
+
+def check_input(path: str | os.PathLike) -> None:
+    """Raise :class:`~prott5nv.errors.InputFileError` now if `path` cannot be opened and read (missing, a
+    directory, no permission, not gzip after all): commands check every input before any work."""
+    with open_maybe_gzip(path):
+        pass
+
+
 def open_maybe_gzip(
     path: str | os.PathLike, on_read: Callable[[memoryview], None] | None = None
 ) -> io.BufferedIOBase:
-    """Open `path` for binary reading, decompressing when its first bytes are the gzip magic.
+    """Open `path` for binary reading, decompressing when its first bytes are the gzip magic, and past a
+    UTF-8 byte-order mark (what some editors write first: the text after it is read). A file that cannot
+    be opened (missing, a directory, not readable) raises :class:`~prott5nv.errors.InputFileError`.
 
     `on_read`, when given, sees every raw (still compressed) chunk read from disk.
     """
-    f = open(path, "rb")  # noqa: SIM115 - returned to the caller
-    head = f.peek(2)[:2]
-    src: io.IOBase = f if on_read is None else _Tap(f, on_read)
-    if head == _GZIP_MAGIC:
-        opener = _igzip.IGzipFile if _igzip is not None else gzip.GzipFile
-        return opener(fileobj=src, mode="rb")  # type: ignore[return-value]
-    return src  # type: ignore[return-value]
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - returned to the caller
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    try:
+        head = f.peek(2)[:2]
+        stream: io.BufferedIOBase = f if on_read is None else io.BufferedReader(_Tap(f, on_read))
+        if head == _GZIP_MAGIC:
+            opener = _igzip.IGzipFile if _igzip is not None else gzip.GzipFile
+            stream = opener(fileobj=stream, mode="rb")  # type: ignore[assignment]
+        if stream.peek(len(_BOM))[: len(_BOM)] == _BOM:
+            stream.read(len(_BOM))
+    except READ_ERRORS as exc:
+        f.close()
+        raise read_problem(path, 1, exc) from None
+    return stream
 
 
 def record_id_from_header(header: str) -> str:
@@ -238,11 +269,26 @@ def record_id_from_header(header: str) -> str:
     return parts[0] if parts else ""
 
 
+class _Unreadable(Exception):
+    """Reading failed (:data:`READ_ERRORS`) after `newlines` newlines of the unit being read: the
+    consumer, which knows the unit's first line, names the line where the data ends."""
+
+    def __init__(self, cause: BaseException, newlines: int = 0) -> None:
+        super().__init__(str(cause))
+        self.cause, self.newlines = cause, newlines
+
+
 def _fill(fh: io.IOBase, view: memoryview) -> int:
-    """Read into `view` until it is full or the file ends; returns the byte count."""
+    """Read into `view` until it is full or the file ends; returns the byte count. A read error raises
+    :class:`_Unreadable` with the newlines read into `view` before it (gzip data is read :data:`_READ`
+    bytes at a time: a gzip reader that fails loses what it inflated for the failing read)."""
     done = 0
+    step = _READ if isinstance(fh, gzip.GzipFile) else len(view)  # ISA-L's IGzipFile is one too
     while done < len(view):
-        n = fh.readinto(view[done:])  # type: ignore[attr-defined]
+        try:
+            n = fh.readinto(view[done : done + step])  # type: ignore[attr-defined]
+        except READ_ERRORS as exc:
+            raise _Unreadable(exc, view[:done].tobytes().count(b"\n")) from None
         if not n:
             break
         done += n
@@ -289,8 +335,11 @@ def _read_units(fh: io.IOBase, index: bool, spare: queue.SimpleQueue | None = No
     while True:
         buf = _buffer(len(carry) + max(_CHUNK, len(carry)), spare)
         buf[: len(carry)] = carry
-        with memoryview(buf) as view:
-            got = _fill(fh, view[len(carry) :])
+        try:
+            with memoryview(buf) as view:
+                got = _fill(fh, view[len(carry) :])
+        except _Unreadable as exc:  # the carry's newlines too (its first is the unit's leading one)
+            raise _Unreadable(exc.cause, exc.newlines + carry.count(b"\n") - 1) from None
         end = len(carry) + got
         del buf[end:]
         if not got:  # end of file: what is left is the last unit
@@ -372,13 +421,14 @@ class BlockScanner:
     max_length: int | None
     too_short: int
     too_long: int
+    raw: bool
 
     def scan_blocks(self, fh: io.IOBase, name: str, describe: bool) -> Iterator[FastaBlock]:
         """The valid records of the open file `fh` (named `name` in messages), block by block. The one
         place where the parser is chosen: the C accelerator when it was built, else numpy; either hands a
         unit it cannot take to the careful path."""
         seen: set[bytes] = set()
-        use_c = _fastscan is not None
+        use_c = _fastscan is not None and not self.raw
         base = 1  # line number of the first line after the unit's leading newline
         try:
             # the C path leaves a unit's buffer unreferenced once parsed: the reader reuses it
@@ -386,7 +436,9 @@ class BlockScanner:
             units = _prefetch(_read_units(fh, index=not use_c, spare=spare))
             scanned = self._scan_ahead(units) if use_c else zip(units, repeat(None))
             for unit, got in scanned:
-                if use_c:
+                if self.raw:  # text as written: the careful path keeps it
+                    parsed = None
+                elif use_c:
                     parsed = self._parse_c(unit.buf, got, base, seen, describe)
                 else:
                     parsed = self._parse_numpy(unit, base, seen, describe)
@@ -401,8 +453,8 @@ class BlockScanner:
                     yield block
                 if spare is not None:
                     spare.put(unit.buf)
-        except (OSError, EOFError, zlib.error, _IsalError) as exc:  # truncated or damaged gzip data
-            raise FastaFormatError(f"{name}:{base}: cannot read: {exc}") from None
+        except _Unreadable as exc:  # truncated or damaged gzip data: it ends in the unit after `base`
+            raise read_problem(name, base + exc.newlines, exc.cause) from None
 
     # ------------------------------------------------------------------ unit parsing
     def _scan_ahead(self, units: Iterator[_Unit]) -> Iterator[tuple[_Unit, tuple | None]]:
@@ -415,14 +467,20 @@ class BlockScanner:
 
         with ThreadPoolExecutor(_SCAN_THREADS, thread_name_prefix="fasta-scan") as pool:
             ahead: deque = deque()
-            for unit in units:
-                ahead.append((unit, pool.submit(scan, unit.buf)))
-                if len(ahead) > _SCAN_THREADS:
-                    first, future = ahead.popleft()
-                    yield first, future.result()
+            failed = None
+            try:
+                for unit in units:
+                    ahead.append((unit, pool.submit(scan, unit.buf)))
+                    if len(ahead) > _SCAN_THREADS:
+                        first, future = ahead.popleft()
+                        yield first, future.result()
+            except _Unreadable as exc:  # the units read before the failure are parsed first
+                failed = exc
             while ahead:
                 first, future = ahead.popleft()
                 yield first, future.result()
+            if failed is not None:
+                raise failed
 
     def _parse_c(
         self, buf: bytearray, got: tuple | None, base: int, seen: set[bytes], describe: bool
@@ -565,7 +623,7 @@ class BlockScanner:
                 joined = joined.replace(b"*\n", b"\n").removesuffix(b"*")
                 odd = b""
         seqs = joined.split(b"\n")
-        fast = not odd and len(seqs) == len(bodies) and b"" not in seqs and b"" not in ids
+        fast = not odd and len(seqs) == len(bodies) and b"" not in seqs and b"" not in ids and not self.raw
         if fast and self.check_duplicates:
             new = set(ids)
             fast = len(new) == len(ids) and seen.isdisjoint(new)
@@ -613,6 +671,8 @@ class BlockScanner:
         return FastaBlock.from_records(*out)
 
     def _clean(self, body: bytes, rid: bytes, name: str, line: int) -> bytes:
+        if self.raw and body.translate(None, _WHITESPACE):
+            return body.translate(None, _WHITESPACE)
         seq = body.translate(_UPPER, _WHITESPACE).removesuffix(b"*")
         if seq and not seq.translate(None, _VALID):
             return seq

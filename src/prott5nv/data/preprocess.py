@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InvalidSequenceError
-from ..fasta import FastaReader
-from ..fsutil import atomic_directory
+from ..fasta import FastaReader, check_input
+from ..fsutil import atomic_directory, check_output
 from ..sequence import DEFAULT_POLICY, SequencePolicy
 from .store import (
     FORMAT,
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 HIST_BIN = 32  # length histogram: bins of 32 residues up to HIST_MAX, then one bin for longer
 HIST_MAX = 1024
 _CHUNK_RECORDS = 1 << 22  # records per step when writing the split indexes
+#: The entries of a data directory (what `preprocess --overwrite` replaces; anything else there is kept).
+DATA_FILES = (MANIFEST, SEQUENCES, *(f"{name}.npy" for name in SPLITS), "_work")
 
 
 @dataclass(frozen=True)
@@ -223,16 +225,13 @@ def preprocess(
     `progress` is called with the number of raw bytes read as the files are parsed.
     """
     _check_config(config)
-    out = Path(out_dir)
-    if out.exists() and not config.overwrite:
-        raise ConfigError(f"{out}: already exists (use --overwrite to replace it)")
+    out = check_output(out_dir, inputs=inputs, overwrite=config.overwrite, kind="dir", marker=MANIFEST)
     paths = [Path(p) for p in inputs]
     if not paths:
         raise ConfigError("no input files")
     for p in paths:
-        if not p.is_file():
-            raise ConfigError(f"{p}: no such file")
-    with atomic_directory(out) as tmp:
+        check_input(p)
+    with atomic_directory(out, owns=DATA_FILES) as tmp:
         manifest = _build(paths, tmp, config, progress)
         manifest["complete"] = True
         with open(tmp / MANIFEST, "w") as fh:
@@ -310,6 +309,14 @@ def _build(
         counts["duplicates"], _ = seq_hashes.duplicates(same_seq, keep, 0)
 
     n_keep = int(np.count_nonzero(keep))
+    if not n_keep:  # a data directory without sequences trains nothing: refused here, not at pretrain
+        dropped = {"too long": counts["too_long"], "too short": counts["too_short"],
+                   "invalid": counts["invalid"] + found, "duplicates": counts["duplicates"]}  # fmt: skip
+        why = ", ".join(f"{n} {what}" for what, n in dropped.items() if n)
+        raise ConfigError(
+            f"no records kept of {counts['records']} ({why}): nothing to store; see --max-length "
+            f"{cfg.max_length}, --min-length {cfg.min_length}"
+        )
     n_val = split_size(cfg.val, n_keep, "val")
     n_test = split_size(cfg.test, n_keep, "test")
     if n_val + n_test > n_keep:

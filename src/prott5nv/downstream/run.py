@@ -25,6 +25,9 @@ from .predictor import Predictor, load_predictor
 from .tasks import TaskData, label_text, load_task, read_rows, resolve_columns
 from .training import fit_finetune, fit_frozen
 
+#: The entries of a run directory (what `finetune --overwrite` replaces; anything else there is kept).
+RUN_FILES = ("predictor.json", "head.safetensors", "model", "metrics.json", "*.png")
+
 log = logging.getLogger(__name__)
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, total residues) -> update
@@ -150,7 +153,7 @@ def finetune_task(
     report = {"task": data.task.to_dict(), "counts": counts, "best_epoch": result.best_epoch,
               "metrics": result.metrics, "history": result.history, **extra}  # fmt: skip
     shown = "test" if "test" in result.metrics else "val"
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, owns=RUN_FILES) as tmp:
         predictor.save_into(tmp, extra)
         plots = write_plots(tmp, result.history, result.metrics[shown] if data.task.classification else None,
                             split=shown, score_name="accuracy" if data.task.classification else "Spearman")  # fmt: skip

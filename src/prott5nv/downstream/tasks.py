@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InvalidSequenceError
-from ..fasta import open_maybe_gzip, read_fasta
+from ..fasta import READ_ERRORS, open_maybe_gzip, read_fasta, read_problem
 from ..sequence import DEFAULT_POLICY, SequencePolicy, clean_sequence
 
 KINDS = ("protein-classification", "protein-regression", "residue-classification", "residue-regression")
@@ -40,6 +40,7 @@ MASK_COLUMNS = ("resolved", "mask")
 _SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
 _NUMBERS = re.compile(r"[,\s]+")
+_FIELD_LIMIT = 2**31 - 1  # bytes per CSV field (the csv module's default, 128 KiB, is a 128k-residue protein)
 
 
 class TaskFormatError(InvalidSequenceError):
@@ -120,29 +121,37 @@ class _Table:
 
 
 def _read_table(path: Path) -> _Table:
-    try:
-        raw = open_maybe_gzip(path)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    with raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
+    """A CSV/TSV table (gzip, a byte-order mark and blank lines before the header are fine)."""
+    with open_maybe_gzip(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
+        header_line = 0
         try:
-            head = fh.readline()
-        except (UnicodeDecodeError, OSError) as exc:
-            raise TaskFormatError(f"{path}: not a text table: {exc}") from None
+            head = ""
+            while not head.strip():
+                head = fh.readline()
+                header_line += 1
+                if not head:
+                    raise TaskFormatError(f"{path}: empty file (no FASTA records, no table header)")
+        except UnicodeDecodeError as exc:
+            raise TaskFormatError(
+                f"{path}:{header_line}: not FASTA nor a text table (not UTF-8: {exc.reason})"
+            ) from None
+        except READ_ERRORS as exc:
+            raise read_problem(path, header_line, exc) from None
         name = path.name.lower().removesuffix(".gz")
         delimiter = "\t" if name.endswith((".tsv", ".tab")) or ("\t" in head and "," not in head) else ","
+        csv.field_size_limit(_FIELD_LIMIT)  # a long protein's sequence or per-residue labels fill one field
         reader = csv.reader(fh, delimiter=delimiter)
         columns = [c.strip() for c in next(csv.reader([head], delimiter=delimiter), [])]
-        if not columns or not any(columns):
-            raise TaskFormatError(f"{path}:1: empty header line")
+        if "\0" in head:
+            raise TaskFormatError(f"{path}:{header_line}: not FASTA nor a text table (binary data)")
         dup = sorted({c for c in columns if columns.count(c) > 1})
         if dup:
-            raise TaskFormatError(f"{path}:1: duplicate column(s) {', '.join(dup)}")
+            raise TaskFormatError(f"{path}:{header_line}: duplicate column(s) {', '.join(dup)}")
         rows, where = [], []
-        line = 1
+        line = header_line
         try:
             for values in reader:
-                start, line = line + 1, reader.line_num + 1
+                start, line = line + 1, header_line + reader.line_num
                 if not values or not any(v.strip() for v in values):
                     continue
                 if len(values) != len(columns):
@@ -152,7 +161,9 @@ def _read_table(path: Path) -> _Table:
                 rows.append({c: v.strip() for c, v in zip(columns, values, strict=True)})
                 where.append(f"{path}:{start}")
         except (csv.Error, UnicodeDecodeError) as exc:
-            raise TaskFormatError(f"{path}:{line}: {exc}") from None
+            raise TaskFormatError(f"{path}:{line + 1}: {exc}") from None
+        except READ_ERRORS as exc:
+            raise read_problem(path, line, exc) from None
     return _Table(columns, rows, where)
 
 
@@ -162,11 +173,7 @@ def _fasta_table(path: Path, labels: Path, policy: SequencePolicy) -> _Table:
     id_col = _pick(table.columns, ID_COLUMNS)
     if id_col is None:
         raise TaskFormatError(f"{labels}:1: a label table for a FASTA file needs an 'id' column")
-    by_id = {}
-    for row, at in zip(table.rows, table.where, strict=True):
-        if row[id_col] in by_id:
-            raise TaskFormatError(f"{at}: duplicate id {row[id_col]!r}")
-        by_id[row[id_col]] = row
+    by_id = _rows_by_id(table, id_col)
     rows, where = [], []
     for rec in read_fasta(path, policy):
         if rec.id not in by_id:
@@ -180,14 +187,35 @@ def _fasta_table(path: Path, labels: Path, policy: SequencePolicy) -> _Table:
     return _Table(columns, rows, where)
 
 
+def _rows_by_id(table: _Table, id_col: str) -> dict[str, dict[str, str]]:
+    """The rows by their id: ids name records in messages and outputs, so (as in FASTA) each is given once
+    and none is empty."""
+    by_id: dict[str, dict[str, str]] = {}
+    first: dict[str, str] = {}
+    for row, at in zip(table.rows, table.where, strict=True):
+        rid = row[id_col]
+        if not rid:
+            raise TaskFormatError(f"{at}: empty {id_col}")
+        if rid in by_id:
+            raise TaskFormatError(f"{at}: record '{rid}': duplicate {id_col} (first seen at {first[rid]})")
+        by_id[rid], first[rid] = row, at
+    return by_id
+
+
 def _pick(columns: Sequence[str], names: Sequence[str]) -> str | None:
     lower = {c.lower(): c for c in columns}
     return next((lower[n] for n in names if n in lower), None)
 
 
 def is_fasta(path: Path) -> bool:
+    """Whether `path` is FASTA: its first text (after blank lines, a byte-order mark) is a '>' header."""
     with open_maybe_gzip(path) as fh:
-        return fh.read(1) == b">"
+        try:
+            while (chunk := fh.read(1 << 16)) and not chunk.strip():
+                pass
+        except READ_ERRORS as exc:
+            raise read_problem(path, 1, exc) from None
+    return chunk.lstrip().startswith(b">")
 
 
 def read_rows(
@@ -195,8 +223,6 @@ def read_rows(
 ) -> _Table:
     """The raw rows of a task or input file (CSV/TSV, or FASTA [+ `labels` table])."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
     if is_fasta(path):
         if labels is None:
             rows, where = [], []
@@ -205,7 +231,11 @@ def read_rows(
                 where.append(f"{path}:{rec.line}")
             return _Table(["id", "sequence"], rows, where)
         return _fasta_table(path, Path(labels), policy)
-    return _read_table(path)
+    table = _read_table(path)
+    id_col = _pick(table.columns, ID_COLUMNS)
+    if id_col is not None:
+        _rows_by_id(table, id_col)
+    return table
 
 
 # -------------------------------------------------------------------------------------- the columns

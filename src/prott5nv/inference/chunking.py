@@ -39,13 +39,23 @@ def chunk_starts(length: int, size: int, overlap: int) -> list[int]:
         n += 1
 
 
+def owned_spans(length: int, starts: Sequence[int], size: int) -> list[tuple[int, int]]:
+    """For each window, the residues ``[lo, hi)`` taken from it: those farthest from its edges. A
+    residue's distance to the nearer edge of a window is ``(size - 1) / 2`` less its distance to the
+    window's centre, so its owner is the window with the nearest centre (ties: the earlier window); the
+    centres increase, so each window owns one run of residues and neighbours meet halfway between their
+    centres. O(windows), whatever the length (no residue-by-window table)."""
+    if len(starts) == 1:
+        return [(0, length)]
+    # residue p goes to window k + 1 rather than k when 2p > starts[k] + starts[k + 1] + size - 1
+    bounds = [0, *((a + b + size - 1) // 2 + 1 for a, b in zip(starts, starts[1:], strict=False)), length]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
 def owners(length: int, starts: Sequence[int], size: int) -> np.ndarray:
-    """For each residue, the index of the window it is taken from (farthest from that window's edges)."""
-    pos = np.arange(length)[None, :]
-    s = np.asarray(starts)[:, None]
-    inside = (pos >= s) & (pos < s + size)
-    margin = np.where(inside, np.minimum(pos - s, s + size - 1 - pos), -1)
-    return margin.argmax(0)  # argmax takes the first maximum: ties go to the earlier window
+    """For each residue, the index of the window it is taken from (:func:`owned_spans`, per residue)."""
+    spans = owned_spans(length, starts, size)
+    return np.repeat(np.arange(len(spans)), [hi - lo for lo, hi in spans])
 
 
 def stitch(pieces: Sequence[np.ndarray], starts: Sequence[int], length: int) -> np.ndarray:
@@ -53,10 +63,7 @@ def stitch(pieces: Sequence[np.ndarray], starts: Sequence[int], length: int) -> 
     (``[size_k, D]``, or ``[size_k, layers, D]``)."""
     if len(pieces) == 1:
         return pieces[0]
-    size = len(pieces[0])
-    own = owners(length, starts, size)
     out = np.empty((length, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
-    for k, (piece, start) in enumerate(zip(pieces, starts, strict=True)):
-        sel = np.flatnonzero(own == k)
-        out[sel] = piece[sel - start]
+    for piece, start, (lo, hi) in zip(pieces, starts, owned_spans(length, starts, len(pieces[0])), strict=True):
+        out[lo:hi] = piece[lo - start : hi - start]
     return out

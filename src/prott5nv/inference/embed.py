@@ -28,7 +28,17 @@ output bit for bit. A shard's output is an ordinary output of its records plus `
 
 Long proteins follow the length policy (:mod:`.length`): refused (default, listed), truncated, or cut
 into overlapping windows whose per-residue outputs are stitched (:mod:`.chunking`); poolings are then
-taken over the stitched residues.
+taken over the stitched residues. A chunked protein is streamed: its windows are embedded in order, in
+batches of their own, and each window's share of the residues (:func:`~.chunking.owned_spans`) is added
+to the poolings (:class:`Pooler`) and appended to the partial output at once, so memory does not grow
+with the protein's length (only its residue letters are held, one byte each); the merge copies
+per-residue outputs into the final file block by block. Progress is reported by residues, within a
+protein too.
+
+A protein's values in the partial output (every protein, chunked or not): its per-residue rows
+``[L, layers, D]`` when asked for (residue by residue, so they can be appended window by window), then
+each layer's poolings (:func:`stored_outputs`); the merge reads each layer's rows back as a strided view
+(:class:`~.store.DiskRows`), so several layers of a multi-million-residue protein are never held either.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,10 +62,10 @@ from ..data.batching import DEFAULT_BATCH_TOKENS, token_budget_batches
 from ..errors import ConfigError, InvalidSequenceError, ProtT5nvError
 from ..fasta import read_fasta
 from ..sequence import DEFAULT_POLICY, SequencePolicy
-from .chunking import stitch
+from .chunking import owned_spans
 from .length import DEFAULT_CHUNK_OVERLAP, LISTED, LengthPolicy, resolve
 from .shards import in_shard
-from .store import PartialRun
+from .store import DiskRows, PartialRun, StoredProtein
 from .writers import FORMATS, KINDS, POOLINGS, check_output, format_from_path, h5_key, open_writer, output_names
 
 log = logging.getLogger(__name__)
@@ -169,41 +180,83 @@ def scan_fasta(
 
 
 # ----------------------------------------------------------------------------------------- outputs
-def pool(residues: np.ndarray, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The outputs of one protein from its per-residue states ``[L, D]`` (float32)."""
-    out: dict[str, np.ndarray] = {}
-    for kind in kinds:
-        if kind == "mean":
-            out[kind] = residues.mean(0, dtype=np.float64).astype(np.float32)
-        elif kind == "max":
-            out[kind] = residues.max(0)
-        elif kind == "first":
-            out[kind] = residues[0].copy()
-        else:
-            out[kind] = residues
-    return out
+class Pooler:
+    """The poolings of one protein from its per-residue states ``[n, layers, D]`` (or ``[n, D]``; float32)
+    given run by run, in order (a chunked protein: window by window): O(layers x D) memory whatever the
+    length. The mean is summed in float64. The one pooling code of `embed`."""
+
+    def __init__(self, kinds: tuple[str, ...]) -> None:
+        self.kinds = tuple(k for k in kinds if k != "per_residue")
+        self.residues = 0
+        self._sum: np.ndarray | None = None
+        self._max: np.ndarray | None = None
+        self._first: np.ndarray | None = None
+
+    def add(self, states: np.ndarray) -> None:
+        if not len(states):
+            return
+        if "mean" in self.kinds:
+            total = states.sum(0, dtype=np.float64)
+            self._sum = total if self._sum is None else self._sum + total
+        if "max" in self.kinds:
+            top = states.max(0)
+            self._max = top if self._max is None else np.maximum(self._max, top)
+        if "first" in self.kinds and self._first is None:
+            self._first = states[0].copy()
+        self.residues += len(states)
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Each pooling (``[layers, D]``, or ``(D,)``, float32), in `kinds` order."""
+        values = {"mean": None if self._sum is None else (self._sum / self.residues).astype(np.float32),
+                  "max": self._max, "first": self._first}  # fmt: skip
+        return {k: values[k] for k in self.kinds}
 
 
-def pool_layers(residues: np.ndarray, kinds: tuple[str, ...]) -> np.ndarray:
-    """One protein's outputs from its per-residue states ``[L, layers, D]``, flattened in storage order
-    (layer by layer, kinds in order: :func:`output_names`)."""
-    layers = range(residues.shape[1])
-    return np.concatenate([a.reshape(-1) for k in layers for a in pool(residues[:, k], kinds).values()])
-
-
-def split_outputs(
-    data: np.ndarray, kinds: tuple[str, ...], length: int, dim: int, layers: tuple[int, ...] = (-1,)
-) -> dict[str, np.ndarray]:
-    """Inverse of :func:`pool_layers` (how the partial output stores a protein): arrays by output name
-    (:func:`output_names`)."""
-    out, pos = {}, 0
+def stored_outputs(
+    stored: StoredProtein, kinds: tuple[str, ...], layers: tuple[int, ...], dim: int
+) -> dict[str, np.ndarray | DiskRows]:
+    """One protein's outputs, by output name (:func:`output_names`), read back from the partial output,
+    whose layout is: the per-residue rows ``[L, layers, D]`` (when asked for) first, then each layer's
+    poolings (layers in order, kinds in order). Large per-residue outputs come as
+    :class:`~.store.DiskRows` (one strided view per layer, read block by block by the writers)."""
+    pools = [k for k in kinds if k != "per_residue"]
+    rows = stored.rows(0, stored.length, dim, len(layers)) if "per_residue" in kinds else None
+    pos = stored.length * len(layers) * dim if rows is not None else 0
+    out: dict[str, Any] = {}
     names = iter(output_names(kinds, layers))
-    for _ in layers:
+    for k in range(len(layers)):
         for kind in kinds:
-            n = length * dim if kind == "per_residue" else dim
-            out[next(names)] = data[pos : pos + n].reshape(-1, dim) if kind == "per_residue" else data[pos : pos + n]
-            pos += n
+            if kind == "per_residue":
+                out[next(names)] = rows[k]
+            else:
+                out[next(names)] = stored.read(pos + (k * len(pools) + pools.index(kind)) * dim, dim)
     return out
+
+
+class _Streamed:
+    """A protein's outputs being written, run of residues by run, into `run` (per-residue rows at once,
+    poolings accumulated and written after the last run): the stored layout of :func:`stored_outputs`."""
+
+    def __init__(self, protein: _Protein, kinds: tuple[str, ...], run: PartialRun) -> None:
+        self.protein, self.run = protein, run
+        self.rows = "per_residue" in kinds
+        self.pooler = Pooler(kinds)
+        self.offset = run.tell()
+
+    def add(self, states: np.ndarray) -> bool:
+        """Add the next run of residues ``[n, layers, D]``; True when the protein is complete."""
+        if self.rows:
+            self.run.write(states)
+        self.pooler.add(states)
+        return self.pooler.residues == self.protein.length
+
+    def finish(self) -> tuple[int, str, int, int, int]:
+        """Write the poolings (layer by layer, kinds in order); the protein's journal entry."""
+        pooled = list(self.pooler.result().values())  # each [layers, D]
+        if pooled:
+            self.run.write(np.stack(pooled, axis=1))  # [layers, poolings, D]
+        p = self.protein
+        return p.record, p.id, p.length, self.offset, self.run.tell() - self.offset
 
 
 # ----------------------------------------------------------------------------------------- pipeline
@@ -213,6 +266,7 @@ class _Protein:
     id: str
     length: int  # residues embedded
     starts: list[int]  # window starts ([0]: one piece)
+    spans: list[tuple[int, int]]  # the residues taken from each window (:func:`~.chunking.owned_spans`)
 
 
 @dataclass
@@ -239,6 +293,7 @@ def _settings(
         "batch_tokens": opt.batch_tokens, "max_seqs_per_batch": opt.max_seqs_per_batch, "window": opt.window,
         "shard": None if opt.shard is None else "{}/{}".format(*opt.shard),
         "world_size": opt.world_size, "policy": dataclasses.asdict(opt.policy),
+        "layout": "rows-then-poolings",  # rows [L, layers, D], poolings by layer (stored_outputs); no other resumes
     }  # fmt: skip
 
 
@@ -371,7 +426,7 @@ def _windows(
         size = length.window if len(starts) > 1 else len(seq)
         for k, s in enumerate(starts):
             pieces.append(_Piece(len(proteins), k, seq[s : s + size]))
-        proteins.append(_Protein(i, rec.id, len(seq), starts))
+        proteins.append(_Protein(i, rec.id, len(seq), starts, owned_spans(len(seq), starts, size)))
         if len(proteins) >= opt.window:
             yield proteins, pieces
             proteins, pieces = [], []
@@ -391,46 +446,50 @@ def _embed_shard(
     on_batch: Callable[[int, int], None] | None,
 ) -> int:
     """Embed this process's proteins not yet `done`, appending each batch to `run`. Returns residues
-    computed."""
+    computed.
+
+    Per window of records: the proteins in one piece go in length-sorted token-budget batches; then the
+    windows of chunked proteins, in order (a protein's windows one after another, a batch of equal-length
+    windows at a time), each protein streamed into `run` (:class:`_Streamed`) as its windows come."""
     computed = 0
+    suffix = model.tokenizer.num_special_suffix
     for proteins, pieces in _windows(model, input_path, opt, length):
         skipped = [p for p in proteins if done[p.record]]
         if skipped and on_batch:
             on_batch(len(skipped), sum(p.length for p in skipped))
-        suffix = model.tokenizer.num_special_suffix
-        lengths = [len(p.seq) + suffix for p in pieces]  # encoder tokens
-        partial: dict[int, list[np.ndarray | None]] = {}  # chunked proteins waiting for windows
-        for batch in token_budget_batches(lengths, opt.batch_tokens, opt.max_seqs_per_batch):
-            if all(done[proteins[pieces[i].protein].record] for i in batch):
-                continue
+        todo = [i for i, piece in enumerate(pieces) if not done[proteins[piece.protein].record]]
+        batches = []
+        for chunked in (False, True):
+            group = [i for i in todo if (len(proteins[pieces[i].protein].starts) > 1) == chunked]
+            lengths = [len(pieces[i].seq) + suffix for i in group]  # encoder tokens
+            cut = token_budget_batches(lengths, opt.batch_tokens, opt.max_seqs_per_batch, sort=not chunked)
+            batches += [[group[j] for j in b] for b in cut]
+        streams: dict[int, _Streamed] = {}
+        for batch in batches:
             seqs = [pieces[i].seq for i in batch]
             if opt.layers is None:  # the default: the encoder's output, as it always was
                 hiddens, mask = model.seqs_to_hiddens(seqs)
                 hiddens = hiddens[None]
             else:
                 hiddens, mask = model.seqs_to_hiddens(seqs, layers=list(layers))
-            states, lens = hiddens.cpu().numpy(), mask.sum(1).tolist()  # [layers, B, L, D]
-            finished: list[tuple[_Protein, np.ndarray]] = []
+            states = hiddens.cpu().numpy()  # [layers, B, L, D]
+            finished, residues = [], 0
             for j, i in enumerate(batch):
                 piece = pieces[i]
                 prot = proteins[piece.protein]
-                if done[prot.record]:
-                    continue
-                residues = states[:, j, : lens[j]].transpose(1, 0, 2)  # [L, layers, D]
-                if len(prot.starts) > 1:
-                    parts = partial.setdefault(piece.protein, [None] * len(prot.starts))
-                    parts[piece.k] = residues.copy()
-                    if any(p is None for p in parts):
-                        continue
-                    residues = stitch(partial.pop(piece.protein), prot.starts, prot.length)
-                finished.append((prot, residues))
-            run.append([(p.record, p.id, p.length, pool_layers(r, kinds)) for p, r in finished])
-            batch_residues = sum(p.length for p, _ in finished)
-            for p, _ in finished:
-                done[p.record] = True
+                stream = streams.get(piece.protein) or streams.setdefault(piece.protein, _Streamed(prot, kinds, run))
+                lo, hi = prot.spans[piece.k]
+                start = prot.starts[piece.k]
+                residues += hi - lo
+                # [n, layers, D], contiguous: the stored row order, and the same sums whatever the layers
+                if stream.add(np.ascontiguousarray(states[:, j, lo - start : hi - start].transpose(1, 0, 2))):
+                    finished.append(streams.pop(piece.protein).finish())
+            run.commit(finished)
+            for record, *_ in finished:
+                done[record] = True
             computed += int(mask.sum())
             if on_batch:
-                on_batch(len(finished), batch_residues)
+                on_batch(len(finished), residues)
     return computed
 
 
@@ -451,9 +510,9 @@ def _merge(
     pooled = sum(k != "per_residue" for k in kinds)
     with open_writer(fmt, output_path, output_names(kinds, layers), attrs, dim=dim) as writer:
         for stored in run.in_order(order):
-            width = stored.data.size // len(layers) // (pooled + (stored.length if "per_residue" in kinds else 0))
-            outputs = split_outputs(stored.data, kinds, stored.length, width, layers)
-            writer.write(stored.record, stored.id, stored.length, outputs)
+            per_layer = stored.nbytes // 4 // len(layers)
+            width = per_layer // (pooled + (stored.length if "per_residue" in kinds else 0))
+            writer.write(stored.record, stored.id, stored.length, stored_outputs(stored, kinds, layers, width))
             proteins += 1
             residues += stored.length
         if proteins != expected:
@@ -464,5 +523,5 @@ def _merge(
 
 
 __all__ = [
-    "KINDS", "EmbedOptions", "EmbedSummary", "embed_fasta", "output_names", "pool", "scan_fasta", "split_outputs",
+    "KINDS", "EmbedOptions", "EmbedSummary", "Pooler", "embed_fasta", "output_names", "scan_fasta", "stored_outputs",
 ]  # fmt: skip

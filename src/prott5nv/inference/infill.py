@@ -22,7 +22,7 @@ from torch import Tensor
 from ..errors import ConfigError, InvalidSequenceError, SequenceTooLongError
 from ..model.generate import GenerationConfig, GenerationOutput, generate
 from ..model.t5 import T5Model
-from ..sequence import DEFAULT_POLICY, STANDARD_RESIDUES, SequencePolicy, clean_sequence
+from ..sequence import DEFAULT_POLICY, STANDARD_RESIDUES, SequencePolicy, clean_sequence, location
 from ..tokenizer import ProteinTokenizer, require_distinct_sentinels
 
 __all__ = [
@@ -55,11 +55,16 @@ def parse_masked(
     record_id: str | None = None,
     policy: SequencePolicy = DEFAULT_POLICY,
     max_residues: int | None = None,
+    *,
+    source: str | None = None,
+    line: int | None = None,
 ) -> MaskedInput:
-    """Parse ``"MKT<mask>LLV<mask:3>A"`` (see the module docstring) into encoder ids and spans. With
-    `max_residues`, a protein longer than that (masked residues included) raises
-    :class:`~prott5nv.errors.SequenceTooLongError` before its text is built (``<mask:99999999>``)."""
-    who = record_id or "input"
+    """Parse ``"MKT<mask>LLV<mask:3>A"`` (see the module docstring) into encoder ids and spans. Errors
+    name the record (and `source`:`line`, the file and header line it came from, when given) and the
+    position in the protein, masked residues counted. With `max_residues`, a protein longer than that
+    (masked residues included) raises :class:`~prott5nv.errors.SequenceTooLongError` before its text is
+    built (``<mask:99999999>``)."""
+    who = location(record_id, source, line) if record_id is not None or source else "input"
     body = text.strip()
     body = body[:-1] if body.endswith("*") else body
     parts: list[str] = []
@@ -68,11 +73,9 @@ def parse_masked(
     pos = 0
     for i, piece in enumerate(_MASK_RE.split(body)):
         if i % 2 == 0:  # residues between masks
-            if "*" in piece:
-                raise InvalidSequenceError(f"{who}: stop symbol '*' inside the sequence")
             if not piece.strip():
                 continue
-            seq = clean_sequence(piece, record_id, policy)
+            seq = clean_sequence(piece, record_id, policy, source=source, line=line, offset=pos, final_stop=False)
             parts.append(seq)
             ids.extend(tokenizer.encode_residues(seq, record_id).tolist())
             pos += len(seq)

@@ -313,11 +313,13 @@ def score_variants(
     *,
     policy: SequencePolicy = DEFAULT_POLICY,
     batch_rows: int = 64,
+    name: str = "wild type",
 ) -> list[VariantScore]:
-    """Log-likelihood ratio of each variant of `sequence` (see the module docstring), in input order."""
+    """Log-likelihood ratio of each variant of `sequence` (see the module docstring), in input order.
+    `name`: how messages about the wild type name it."""
     tok = model.tokenizer
     require_distinct_sentinels(tok, "variant scoring")
-    wt_ids = model.encode([sequence], ["wild type"], policy)[0]
+    wt_ids = model.encode([sequence], [name], policy)[0]
     seq = tok.decode(wt_ids[: len(wt_ids) - tok.num_special_suffix])  # the cleaned wild type
     parsed = [parse_variant(v, seq) for v in variants]
     for v, sites in zip(variants, parsed, strict=True):

@@ -20,8 +20,8 @@ window, input policy, version). Before writing anything, the merge checks that
   belongs to shard ``(i // window) % N + 1``; checked as they are read), so the shards are disjoint and
   cover the input;
 
-then it writes the proteins in input order through a temporary, renamed into place only when every check
-passed, with the attributes of a
+then it writes the proteins in input order (large per-residue arrays of HDF5 and .npy shards copied block
+by block) through a temporary, renamed into place only when every check passed, with the attributes of a
 one-process run (the ``shard*`` ones dropped): the file a one-process ``embed`` with the same settings
 writes, bit for bit in its embeddings. The merged output has the shards' format.
 """
@@ -169,10 +169,10 @@ def merge_shards(
     shards = check_shards(paths)
     first = shards[0]
     fmt = fmt or format_from_path(output)
+    check_output(fmt, output, inputs=tuple(s.path for s in shards))  # fmt None (no format in the name): refused
     if fmt != first.output.fmt:
         raise ConfigError(f"the shards are {first.output.fmt}, the output {output} would be {fmt}: merge writes "
                           "the shards' format (name the output accordingly)")  # fmt: skip
-    check_output(fmt, output, inputs=[s.path for s in shards])
     attrs = {k: v for k, v in first.output.attrs.items() if k not in SHARD_ATTRS}
     total, window = int(first.settings["input_records"]), int(first.settings["window"])
     proteins = 0

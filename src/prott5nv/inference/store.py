@@ -31,12 +31,77 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+#: Bytes read at once from the partial output: a protein's per-residue rows beyond this are handed to the
+#: writers as :class:`DiskRows` (read block by block), never whole.
+BLOCK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class DiskRows:
+    """A float32 ``(rows, dim)`` array in a file, read in blocks of at most :data:`BLOCK_BYTES`: the
+    per-residue output of a long protein, written out without being held. Row i starts at value
+    ``i * stride`` from `offset` (`stride` None: `dim`, the rows are contiguous); a stride of
+    ``layers * dim`` reads one layer's column of ``[rows, layers, dim]`` rows."""
+
+    fd: int
+    offset: int
+    shape: tuple[int, int]
+    stride: int | None = None  # values from one row's start to the next's
+    dtype = np.dtype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * 4
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, rows)`` blocks in order (C-contiguous arrays)."""
+        rows, dim = self.shape
+        stride = self.stride or dim
+        step = max(1, BLOCK_BYTES // (4 * stride))
+        for lo in range(0, rows, step):
+            n = min(step, rows - lo)
+            raw = os.pread(self.fd, ((n - 1) * stride + dim) * 4, self.offset + lo * stride * 4)
+            values = np.frombuffer(raw, np.float32)
+            if stride == dim:
+                yield lo, values.reshape(n, dim)
+            else:  # every stride-th run of dim values
+                yield lo, np.lib.stride_tricks.as_strided(values, (n, dim), (stride * 4, 4), writeable=False).copy()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # noqa: ANN001 - numpy's protocol
+        out = np.concatenate([b for _, b in self.blocks()]) if self.shape[0] else np.empty(self.shape, np.float32)
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass(frozen=True)
 class StoredProtein:
+    """One protein of the partial output; its data is read on demand (valid until the next protein is
+    asked for)."""
+
     record: int  # position of the record in the input file (0-based)
     id: str
     length: int  # residues embedded (after truncation)
-    data: np.ndarray  # float32, the outputs concatenated (see embed.split_outputs)
+    fd: int  # the rank's data file, open
+    offset: int  # where the protein's float32 values start in it
+    nbytes: int  # how many bytes they take (see embed: per-residue rows first, then the poolings)
+
+    def read(self, start: int = 0, count: int | None = None) -> np.ndarray:
+        """`count` float32 values (default: all) from value `start` on."""
+        count = self.nbytes // 4 - start if count is None else count
+        return np.frombuffer(os.pread(self.fd, count * 4, self.offset + start * 4), np.float32)
+
+    def rows(self, start: int, rows: int, dim: int, layers: int = 1) -> list[np.ndarray | DiskRows]:
+        """Each layer's ``(rows, dim)`` array of the ``(rows, layers, dim)`` block of values from `start` on:
+        in memory when the block is small, else :class:`DiskRows` (strided when there are several layers)."""
+        if rows * layers * dim * 4 <= BLOCK_BYTES:
+            block = self.read(start, rows * layers * dim).reshape(rows, layers, dim)
+            return [block[:, 0]] if layers == 1 else [np.ascontiguousarray(block[:, k]) for k in range(layers)]
+        stride = layers * dim
+        return [DiskRows(self.fd, self.offset + (start + k * dim) * 4, (rows, dim), stride) for k in range(layers)]
+
+    @property
+    def data(self) -> np.ndarray:
+        """All of its values."""
+        return self.read()
 
 
 def partial_path(target: str | os.PathLike) -> Path:
@@ -93,19 +158,33 @@ class PartialRun:
         return self.dir / f"rank{rank}.done"
 
     # ---------------------------------------------------------------------------------- writing
+    def tell(self) -> int:
+        """Where the next values written go in this rank's data file."""
+        return self._bin.tell()
+
+    def write(self, data: np.ndarray) -> None:
+        """Append float32 values to the data file: not durable, nor part of the run, until a :meth:`commit`
+        lists the protein they belong to (a protein's values are written contiguously, possibly over many
+        calls: a long protein window by window)."""
+        self._bin.write(np.ascontiguousarray(data, dtype=np.float32).data)
+
+    def commit(self, entries: list[tuple[int, str, int, int, int]]) -> None:
+        """Durably record finished proteins ``(record, id, length, offset, bytes)`` whose values were
+        written: the data is synced first, then one journal line (a batch)."""
+        if not entries:
+            return
+        _sync(self._bin)
+        self._journal.write(json.dumps([list(e) for e in entries], separators=(",", ":")).encode() + b"\n")
+        _sync(self._journal)
+
     def append(self, proteins: list[tuple[int, str, int, np.ndarray]]) -> None:
         """Durably add one batch of finished proteins ``(record, id, length, float32 data)``."""
-        if not proteins:
-            return
-        entries, offset = [], self._bin.tell()
+        entries = []
         for record, rid, length, data in proteins:
-            raw = np.ascontiguousarray(data, dtype=np.float32).tobytes()
-            self._bin.write(raw)
-            entries.append([record, rid, length, offset, len(raw)])
-            offset += len(raw)
-        _sync(self._bin)
-        self._journal.write(json.dumps(entries, separators=(",", ":")).encode() + b"\n")
-        _sync(self._journal)
+            offset = self.tell()
+            self.write(data)
+            entries.append((record, rid, length, offset, self.tell() - offset))
+        self.commit(entries)
 
     def finish(self) -> None:
         """Close this rank's files and mark its share complete."""
@@ -138,8 +217,7 @@ class PartialRun:
             with open(bin_path, "rb") as data, open(journal_path, "rb") as journal:
                 for line in journal:  # read, not memory-mapped: mapped pages would count as resident
                     for record, rid, length, offset, nbytes in json.loads(line):
-                        raw = os.pread(data.fileno(), nbytes, offset)
-                        yield StoredProtein(record, rid, length, np.frombuffer(raw, dtype=np.float32))
+                        yield StoredProtein(record, rid, length, data.fileno(), offset, nbytes)
 
     def in_order(self, order: Iterable[tuple[int, int]]) -> Iterator[StoredProtein]:
         """The stored proteins in the order of `order`, ``(record, rank)`` pairs (the embedder gives input
@@ -162,8 +240,7 @@ class PartialRun:
                         return
                     buffered[entry[0]] = entry
                 _, rid, length, offset, nbytes = buffered.pop(record)
-                raw = os.pread(files[rank].fileno(), nbytes, offset)
-                yield StoredProtein(record, rid, length, np.frombuffer(raw, dtype=np.float32))
+                yield StoredProtein(record, rid, length, files[rank].fileno(), offset, nbytes)
         finally:
             for fh in files.values():
                 if fh is not None:

@@ -3,7 +3,9 @@
 
 Every writer builds its output under a temporary name beside the target and renames it into place only
 on :meth:`commit`, so a reader never sees a half-written file. Outputs ("kinds") are the poolings
-``mean``/``max``/``first`` (``(D,)`` per protein) and ``per_residue`` (``(L, D)``).
+``mean``/``max``/``first`` (``(D,)`` per protein) and ``per_residue`` (``(L, D)``). A per-residue output
+may come as an array or as rows on disk (:class:`~prott5nv.inference.store.DiskRows`, a long protein's):
+HDF5 and ``.npy`` copy those block by block; Parquet, whose row is one value, reads them whole.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,11 +24,14 @@ import numpy as np
 from ..errors import ConfigError, ProtT5nvError
 from ..fsutil import check_output as check_path
 from ..fsutil import replace_path
+from . import store
+from .store import DiskRows
 
 POOLINGS = ("mean", "max", "first")
 KINDS = (*POOLINGS, "per_residue")
 FORMATS = ("h5", "npy", "parquet")
 NPY_INDEX = "index.tsv"  # every .npy output directory has one: what marks it as ours
+NPY_FILES = (NPY_INDEX, "attrs.tsv", "*.npy")  # what --overwrite replaces in one (anything else is kept)
 
 
 def h5_key(record_id: str) -> str:
@@ -38,19 +44,24 @@ def per_residue(name: str) -> bool:
     return name == "per_residue" or name.endswith("_per_residue")
 
 
-def format_from_path(path: str | os.PathLike) -> str:
-    """Output format implied by the name: `.parquet`/`.pq` -> parquet, `.h5`/`.hdf5` -> h5, else npy
-    (a directory)."""
+def format_from_path(path: str | os.PathLike) -> str | None:
+    """Output format implied by the name: `.parquet`/`.pq` -> parquet, `.h5`/`.hdf5`/`.hdf` -> h5, no
+    suffix (or `.npy`) -> npy (a directory); None for any other suffix, which :func:`check_output`
+    refuses rather than read it as a directory name (`-o emb.txt` made a directory of .npy files)."""
     suffix = Path(path).suffix.lower()
     if suffix in (".parquet", ".pq"):
         return "parquet"
     if suffix in (".h5", ".hdf5", ".hdf"):
         return "h5"
-    return "npy"
+    if suffix in ("", ".npy"):
+        return "npy"
+    return None
 
 
 class Writer:
     """Base class: temporary-then-rename lifecycle and the count of proteins written."""
+
+    owns: tuple[str, ...] | None = None  # directory outputs: the entries written (others are kept)
 
     def __init__(
         self, path: str | os.PathLike, kinds: tuple[str, ...], attrs: dict[str, Any] | None, dim: int | None = None
@@ -82,7 +93,7 @@ class Writer:
             raise ProtT5nvError(f"{self.path}: is a directory, expected an output file name")
         if self.path.exists() and self.path.is_dir() != self.tmp_path.is_dir():
             self._remove(self.path)
-        replace_path(self.tmp_path, self.path)
+        replace_path(self.tmp_path, self.path, self.owns)
 
     def abort(self) -> None:
         try:
@@ -120,7 +131,13 @@ class H5Writer(Writer):
 
     def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
         for kind in self.kinds:
-            ds = self._groups[kind].create_dataset(h5_key(record_id), data=outputs[kind])
+            value, group, key = outputs[kind], self._groups[kind], h5_key(record_id)
+            if isinstance(value, np.ndarray):
+                ds = group.create_dataset(key, data=value)
+            else:  # rows on disk, copied block by block
+                ds = group.create_dataset(key, shape=value.shape, dtype=value.dtype)
+                for lo, block in value.blocks():
+                    ds[lo : lo + len(block)] = block
             ds.attrs["original_id"] = record_id
             ds.attrs["record"] = record
         self.written += 1
@@ -133,6 +150,8 @@ class NpyWriter(Writer):
     """A directory: `ID.npy` per protein (`ID.KIND.npy` when several kinds) and `index.tsv` listing
     record number, id, length and the file of each kind, in the order written."""
 
+    owns = NPY_FILES
+
     def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] = ("mean",), attrs: dict | None = None,
                  dim: int | None = None) -> None:  # fmt: skip
         super().__init__(path, kinds, attrs, dim)
@@ -144,7 +163,16 @@ class NpyWriter(Writer):
         key = h5_key(record_id)
         names = [f"{key}.npy" if len(self.kinds) == 1 else f"{key}.{k}.npy" for k in self.kinds]
         for kind, name in zip(self.kinds, names, strict=True):
-            np.save(self.tmp_path / name, outputs[kind])
+            value = outputs[kind]
+            if isinstance(value, np.ndarray):
+                np.save(self.tmp_path / name, value)
+                continue
+            with open(self.tmp_path / name, "wb") as fh:  # rows on disk: the .npy header, then block by block
+                header = {"descr": np.lib.format.dtype_to_descr(value.dtype), "fortran_order": False,
+                          "shape": value.shape}  # fmt: skip
+                np.lib.format.write_array_header_1_0(fh, header)
+                for _, block in value.blocks():
+                    fh.write(block.data)
         self._index.write("\t".join([str(record), record_id, str(length), *names]) + "\n")
         self.written += 1
 
@@ -184,6 +212,7 @@ class ParquetWriter(Writer):
         return pa.schema(fields, metadata=meta)
 
     def write(self, record: int, record_id: str, length: int, outputs: dict[str, np.ndarray]) -> None:
+        outputs = {k: np.asarray(v) for k, v in outputs.items()}  # a row is one value: rows on disk read whole
         self._rows.append((record, record_id, length, outputs))
         self._floats += sum(outputs[k].size for k in self.kinds)
         self.written += 1
@@ -222,12 +251,21 @@ class ParquetWriter(Writer):
             self._writer.close()
 
 
-def check_output(fmt: str, path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+def check_output(
+    fmt: str | None, path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), *, overwrite: bool = True
+) -> None:
     """Refuse, before any compute, an output that could not be written at the end, or whose writing would
     lose data (:func:`~prott5nv.fsutil.check_output`; the API replaces a previous output: a file, or a
-    directory of `.npy` files with its ``index.tsv``, never anything else)."""
+    directory of `.npy` files with its ``index.tsv``, never anything else; the CLI only with --overwrite),
+    or whose name gives no format (`fmt` None: :func:`format_from_path` found none)."""
     npy = fmt == "npy"
-    check_path(path, inputs=inputs, overwrite=True, kind="dir" if npy else "file", marker=NPY_INDEX if npy else None)
+    marker = NPY_INDEX if npy else None
+    check_path(path, inputs=inputs, overwrite=overwrite, kind="dir" if npy else "file", marker=marker)
+    if fmt is None:
+        raise ConfigError(
+            f"output '{path}': '{Path(path).suffix}' names no embedding format (.h5/.hdf5/.hdf: HDF5, .parquet/.pq: "
+            "Parquet, no suffix: a directory of .npy files); give --format to choose one"
+        )
     if fmt == "parquet":
         try:
             import pyarrow  # noqa: F401
@@ -249,7 +287,46 @@ def open_writer(
 
 
 # ------------------------------------------------------------------------------------------- reading
-StoredRecord = tuple[int, str, int, dict[str, np.ndarray]]  # record, id, length (HDF5: 0), arrays by name
+StoredRecord = tuple[int, str, int, dict[str, Any]]  # record, id, length (HDF5: 0), arrays by name
+
+
+class H5Rows:
+    """A per-residue dataset of an HDF5 output, read in blocks of at most :data:`~.store.BLOCK_BYTES` as
+    :class:`~.store.DiskRows` is (what `merge` copies a long protein's rows with: never whole)."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset, self.shape, self.dtype = dataset, dataset.shape, dataset.dtype
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        rows, dim = self.shape
+        step = max(1, store.BLOCK_BYTES // (self.dtype.itemsize * dim))
+        for lo in range(0, rows, step):
+            yield lo, self.dataset[lo : lo + step]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # noqa: ANN001 - numpy's protocol
+        out = self.dataset[()]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _h5_array(dataset: h5py.Dataset) -> np.ndarray | H5Rows:
+    """A dataset read whole, or as :class:`H5Rows` when it is larger than a block."""
+    return H5Rows(dataset) if dataset.ndim == 2 and dataset.nbytes > store.BLOCK_BYTES else dataset[()]
+
+
+def _npy_array(path: Path, files: ExitStack) -> np.ndarray | DiskRows:
+    """A `.npy` file read whole, or, when it holds more than a block of float32 rows, as
+    :class:`~.store.DiskRows` over the open file (closed by `files`)."""
+    if path.stat().st_size <= store.BLOCK_BYTES:
+        return np.load(path)
+    fh = files.enter_context(open(path, "rb"))
+    version = np.lib.format.read_magic(fh)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        return np.load(path)
+    shape, fortran, dtype = read_header[version](fh)
+    if len(shape) != 2 or fortran or dtype != DiskRows.dtype:
+        return np.load(path)
+    return DiskRows(fh.fileno(), fh.tell(), shape)
 
 
 class StoredOutput:
@@ -284,18 +361,21 @@ class StoredOutput:
 
     def proteins(self) -> Iterator[StoredRecord]:
         """``(record, id, length, {name: array})`` of every protein: by record number for HDF5 and .npy,
-        in the stored order for Parquet (the input order, as embed writes it)."""
+        in the stored order for Parquet (the input order, as embed writes it). HDF5 and .npy arrays larger
+        than :data:`~.store.BLOCK_BYTES` come as rows on disk (:class:`H5Rows`, :class:`~.store.DiskRows`,
+        valid until the next protein is asked for), which the writers copy block by block."""
         if self.fmt == "h5":
             with h5py.File(self.path, "r") as f:
                 groups = [f] * len(self.kinds) if len(self.kinds) == 1 else [f[k] for k in self.kinds]
                 for record, key in self._rows:
-                    arrays = {k: g[key][()] for k, g in zip(self.kinds, groups, strict=True)}
+                    arrays = {k: _h5_array(g[key]) for k, g in zip(self.kinds, groups, strict=True)}
                     yield record, str(groups[0][key].attrs["original_id"]), 0, arrays
         elif self.fmt == "npy":
             for _, line in self._rows:
                 record, rid, length, *files = line.split("\t")
-                arrays = {k: np.load(self.path / f) for k, f in zip(self.kinds, files, strict=True)}
-                yield int(record), rid, int(length), arrays
+                with ExitStack() as opened:
+                    arrays = {k: _npy_array(self.path / f, opened) for k, f in zip(self.kinds, files, strict=True)}
+                    yield int(record), rid, int(length), arrays
         else:
             yield from self._parquet_rows()
 

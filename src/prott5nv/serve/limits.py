@@ -41,12 +41,16 @@ class ServeLimits:
     max_new_tokens: int = 512  # generation: decoder steps per output
     max_outputs: int = 16  # generation: beams / returned sequences / infill samples per input
 
-    def resolved(self, model_max_length: int | None) -> ServeLimits:
-        """Check the numbers and fill `max_residues` from the model's length policy (refuse; the fallback
-        of :mod:`prott5nv.inference.length` for models without a limit)."""
+    def check(self) -> None:
+        """Refuse numbers that cannot be limits (every one must be positive)."""
         for name, value in asdict(self).items():
             if value is not None and value <= 0:
                 raise ConfigError(f"serve limit {name} must be positive, got {value}")
+
+    def resolved(self, model_max_length: int | None) -> ServeLimits:
+        """Check the numbers and fill `max_residues` from the model's length policy (refuse; the fallback
+        of :mod:`prott5nv.inference.length` for models without a limit)."""
+        self.check()
         limit = resolve(model_max_length, self.max_residues, flag="--max-residues").limit
         return ServeLimits(**{**asdict(self), "max_residues": limit or UNBOUNDED_FALLBACK})
 
@@ -112,6 +116,8 @@ def read_api_keys(path: str | os.PathLike) -> list[str]:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"API key file {path} is not UTF-8 text ({exc.reason})") from None
     keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not keys:
         raise ConfigError(f"API key file {path} holds no key")

@@ -34,7 +34,7 @@ from ..data.masking import build_masker, collate_t5
 from ..data.sampler import DistributedShuffleSampler
 from ..data.store import SequenceStore, load_manifest
 from ..device import resolve_device
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from ..model.config import preset
 from ..model.fast import apply_speedups
 from ..model.t5 import T5Model
@@ -215,6 +215,8 @@ class Pretrainer:
         self.accumulate = cfg.accumulation_for(self.info.world_size)
         load_manifest(cfg.data)  # clear error for a missing/incomplete store before anything else
         self.train_store = SequenceStore.open(cfg.data, "train")
+        if not len(self.train_store):  # before the run directory is made: nothing is left behind
+            raise StoreError(f"{cfg.data}: the train split is empty (preprocess with a smaller --val/--test)")
         self.val_store = self._open_val()
 
         checkpoints = list_checkpoints(self.run_dir)
