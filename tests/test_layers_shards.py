@@ -211,7 +211,7 @@ def test_chunked_proteins_stream_every_layer(tmp_path, tiny_checkpoint, monkeypa
 
 
 @pytest.mark.parametrize("fmt", list(EXT))
-def test_shards_of_chunked_layered_runs_merge_bit_for_bit(tmp_path, tiny_checkpoint, monkeypatch, fmt):
+def test_shards_of_chunked_layered_runs_merge_bit_for_bit(tmp_path, tiny_checkpoint, monkeypatch, fmt, capsys):
     """Shards (windows of one record) of a run with chunked proteins, two layers and per-residue output
     merge into the one-process output bit for bit; merge copies the long proteins' rows block by block
     (HDF5 and .npy shards read them as rows on disk; a Parquet row is one value, read whole)."""
@@ -220,9 +220,11 @@ def test_shards_of_chunked_layered_runs_merge_bit_for_bit(tmp_path, tiny_checkpo
     flags = [*CHUNK, "--model", str(tiny_checkpoint), "--layers", "0,-1", "--window", "1"]
     one = tmp_path / f"one{EXT[fmt]}"
     assert main(["embed", str(fasta), "-o", str(one), *flags]) == 0
+    assert "residues, 2 chunked)" in capsys.readouterr().out
     parts = [tmp_path / f"part{k}{EXT[fmt]}" for k in (1, 2)]
     for k, part in enumerate(parts, 1):
         assert main(["embed", str(fasta), "-o", str(part), *flags, "--shard", f"{k}/2"]) == 0
+        assert "residues, 1 chunked)" in capsys.readouterr().out  # its own share: records 2 and 3 are long
     on_disk = {rid for _, rid, _, arrays in read_output(parts[1]).proteins()
                if not isinstance(arrays["layer0_per_residue"], np.ndarray)}  # fmt: skip
     assert on_disk == (set() if fmt == "parquet" else {recs[3].id})  # records 1 and 3: the short and the longest

@@ -147,6 +147,7 @@ class ScanResult:
     too_long_listed: list[tuple[str, int]] = field(default_factory=list)  # the first 20
     shard_proteins: int = 0  # this rank's share
     shard_residues: int = 0  # residues this rank will embed (after truncation)
+    shard_too_long: int = 0  # this rank's proteins over the length limit (truncated or chunked)
     selected: int = 0  # records of the shard (all ranks; all records without a shard)
 
 
@@ -165,7 +166,8 @@ def scan_fasta(
             )
         keys[key] = rec.id
         n = len(rec.sequence)
-        if length.too_long(n):
+        long = length.too_long(n)
+        if long:
             out.too_long += 1
             if len(out.too_long_listed) < LISTED:
                 out.too_long_listed.append((rec.id, n))
@@ -175,6 +177,7 @@ def scan_fasta(
             if i % opt.world_size == opt.rank:
                 out.shard_proteins += 1
                 out.shard_residues += n
+                out.shard_too_long += long
         out.records += 1
     return out
 
@@ -375,8 +378,9 @@ def embed_fasta(
     run.finish()
     chunking = length.window is not None
     summary = EmbedSummary(
-        proteins=scan.shard_proteins, residues=scan.shard_residues, truncated=0 if chunking else scan.too_long,
-        chunked=scan.too_long if chunking else 0, resumed=run.resumed, computed_residues=computed,
+        proteins=scan.shard_proteins, residues=scan.shard_residues,
+        truncated=0 if chunking else scan.shard_too_long, chunked=scan.shard_too_long if chunking else 0,
+        resumed=run.resumed, computed_residues=computed,
         seconds=0.0, output=str(output_path),
     )  # fmt: skip
     if opt.rank == 0:
