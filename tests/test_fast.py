@@ -64,20 +64,30 @@ def test_dropout_mask_rate_scale_and_seed():
 
 @pytest.mark.parametrize("speedups", [False, True])
 @pytest.mark.parametrize("family", ["megatron", "t5"])
-def test_cache_reorder_and_shared_encoder_rows(family, real_proteins, speedups):
+def test_cache_reorder_and_shared_encoder_rows(family, real_proteins, speedups, monkeypatch):
     """Beam-search machinery of the cache: reordering rows mid-way and decoding 2 rows per encoder input
     (capacity smaller than the steps so the buffers grow) equal plain decoding -- with the plain cache and
-    repeated encoder rows, and with grouped cross-attention, the decoding layout and a DecodingCache."""
+    repeated encoder rows, and with grouped cross-attention (which reads the one encoder row's keys for
+    both decoder rows, never a copy), the decoding layout and a DecodingCache."""
     torch.manual_seed(0)
     model = T5Model(config(family)).eval()
+    rows = []  # (decoder rows, encoder rows) seen by cross-attention
     if speedups:
         apply_decoding_layout(apply_grouped_cross_attention(model))
+        grouped = fast._GroupedEncDecAttention.attend
+
+        def spy(self, q, k, v, mask, few):
+            rows.append((q.shape[0], k.shape[0]))
+            return grouped(self, q, k, v, mask, few)
+
+        monkeypatch.setattr(fast._GroupedEncDecAttention, "attend", spy)
     tok = ProteinTokenizer()
     enc_ids = torch.from_numpy(tok.encode(real_proteins[0][1][:40]))[None]
     dec = torch.stack([torch.from_numpy(tok.encode(real_proteins[i][1][:12])) for i in (1, 2)])  # [2, 12]
     with torch.no_grad():
         hidden = model.encode(enc_ids)  # one encoder row for both decoder rows
         full = model(enc_ids.expand(2, -1), None, dec)
+        rows.clear()  # from here on, one encoder row for two decoder rows
         cache = DecodingCache(len(model.decoder.blocks), capacity=3) if speedups else model.new_cache(capacity=3)
         steps = [model.lm_logits(model.decode(dec[:, t : t + 1], hidden, cache=cache)) for t in range(6)]
         cache.reorder(torch.tensor([1, 0]))  # swap the rows: continue with the other row's history
@@ -86,6 +96,7 @@ def test_cache_reorder_and_shared_encoder_rows(family, real_proteins, speedups):
     torch.testing.assert_close(torch.cat(steps[:6], 1), full[:, :6], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(steps[6:], 1), full[[1, 0], 6:], atol=1e-5, rtol=1e-5)
     assert cache.length == 12 and cache[0].k.shape[2] >= 12
+    assert rows == ([(2, 1)] * 12 * len(model.decoder.blocks) if speedups else [])
 
 
 def test_decoding_layout_keeps_values_and_outputs(tiny_model, real_proteins):

@@ -219,6 +219,11 @@ def apply_cpu_inference(model: nn.Module) -> nn.Module:
 
 
 class _GroupedEncDecAttention:
+    def share_memory(
+        self, group: int, k: Tensor, v: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        return k, v, mask  # no copies: `attend` takes each input's rows as extra queries
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, few: bool) -> Tensor:
         n, h, s, d = q.shape
         b = k.shape[0]

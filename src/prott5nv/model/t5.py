@@ -362,11 +362,16 @@ class EncDecAttention(Attention):
     def forward(self, x: Tensor, mask: Tensor | None, memory: Tensor, cache: LayerCache | None = None) -> Tensor:
         (q,) = split_heads(self.q(x), 1, self.num_heads, self.d_kv)
         k, v = self.keys_values(memory, cache)
-        if q.shape[0] != k.shape[0]:  # g decoder rows per encoder row
-            group = q.shape[0] // k.shape[0]
-            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-            mask = mask.repeat_interleave(group, 0) if mask is not None and mask.shape[0] > 1 else mask
+        if q.shape[0] != k.shape[0]:  # g decoder rows (beams, samples) per encoder row
+            k, v, mask = self.share_memory(q.shape[0] // k.shape[0], k, v, mask)
         return self.o(merge_heads(self.attend(q, k, v, mask, few=cache is not None)))
+
+    def share_memory(
+        self, group: int, k: Tensor, v: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Keys, values and mask for `group` consecutive decoder rows per encoder row: each row its copy."""
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        return k, v, (mask.repeat_interleave(group, 0) if mask is not None and mask.shape[0] > 1 else mask)
 
 
 class MLP(nn.Module):
