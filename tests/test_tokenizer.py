@@ -76,7 +76,9 @@ def test_case_whitespace_and_stop_symbol():
         ("MKTJAY", "unknown residue 'J' (use --unknown-to-x to map unknown letters to X) at position 4"),
         ("MK-TAY", "alignment gap '-' (use --strip-gaps to remove gaps) at position 3"),
         ("MK1TAY", "invalid character '1' at position 3"),
-        ("MKTAYé", "invalid character 'É' at position 6"),
+        ("MKTAYé", "invalid character 'é' at position 6"),  # as written, not upper-cased
+        ("MKıAY", "invalid character 'ı' at position 3"),  # str.upper() would make it a valid 'I'
+        ("MKTAß", "invalid character 'ß' at position 5"),  # ... and this 'SS'
         ("  \n", "empty sequence"),
         ("*", "empty sequence"),
     ],

@@ -15,6 +15,8 @@ RESIDUES = STANDARD_RESIDUES + "XBZUO"
 _RESIDUE_SET = frozenset(RESIDUES)
 _GAPS = frozenset("-.")
 _WHITESPACE = " \t\r\n\v\f"
+# Upper-case ASCII letters only: str.upper() would turn "ı" into "I" and "ß" into "SS", valid residues.
+_UPPER = {ord(c): ord(c.upper()) for c in "abcdefghijklmnopqrstuvwxyz"} | {ord(c): None for c in _WHITESPACE}
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def clean_sequence(
     For a part of a protein (the residues between masks of a masked protein): `offset` residues come
     before it (positions are the protein's), and `final_stop=False` keeps a final `*` (an error there).
     """
-    seq = raw.translate({ord(c): None for c in _WHITESPACE}).upper()
+    seq = raw.translate(_UPPER)
     if final_stop and seq.endswith("*"):
         seq = seq[:-1]
     if policy.strip_gaps:
