@@ -219,7 +219,7 @@ def apply_cpu_inference(model: nn.Module) -> nn.Module:
 
 
 class _GroupedEncDecAttention:
-    def share_memory(
+    def repeat_memory(
         self, group: int, k: Tensor, v: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         return k, v, mask  # no copies: `attend` takes each input's rows as extra queries

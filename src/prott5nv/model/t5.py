@@ -216,13 +216,13 @@ class RelativePositionBias(nn.Module):
         1/4 for 4 heads: weight e^-2.5 at 10 residues), the last nearly everywhere. Attention then starts
         local, so the weak neighbour signal of protein sequences has a path from the first step instead
         of first having to be found among uniform weights. The table stays trained; the shape is T5's."""
-        heads = self.relative_attention_bias.num_embeddings, self.relative_attention_bias.embedding_dim
+        w = self.relative_attention_bias.weight  # [buckets, heads]
+        heads = w.shape[1]
         offsets = torch.arange(-self.max_distance, self.max_distance + 1)
         buckets = relative_position_bucket(offsets, self.bidirectional, self.num_buckets, self.max_distance)
-        distance = torch.full((heads[0],), float(self.max_distance))  # each bucket's nearest offset
+        distance = torch.full((self.num_buckets,), float(self.max_distance))  # each bucket's nearest offset
         distance.scatter_reduce_(0, buckets, offsets.abs().float(), reduce="amin")
-        slopes = 2.0 ** (-8.0 * torch.arange(1, heads[1] + 1) / heads[1])
-        w = self.relative_attention_bias.weight
+        slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
         w.sub_((distance[:, None] * slopes[None, :]).to(w.dtype))
 
 
@@ -363,10 +363,10 @@ class EncDecAttention(Attention):
         (q,) = split_heads(self.q(x), 1, self.num_heads, self.d_kv)
         k, v = self.keys_values(memory, cache)
         if q.shape[0] != k.shape[0]:  # g decoder rows (beams, samples) per encoder row
-            k, v, mask = self.share_memory(q.shape[0] // k.shape[0], k, v, mask)
+            k, v, mask = self.repeat_memory(q.shape[0] // k.shape[0], k, v, mask)
         return self.o(merge_heads(self.attend(q, k, v, mask, few=cache is not None)))
 
-    def share_memory(
+    def repeat_memory(
         self, group: int, k: Tensor, v: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Keys, values and mask for `group` consecutive decoder rows per encoder row: each row its copy."""
