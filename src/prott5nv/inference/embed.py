@@ -511,12 +511,9 @@ def _merge(
     """Write the final output from the partial one: the proteins of `order` ((record, rank) in input
     order), `expected` of them. Returns (proteins, residues)."""
     proteins = residues = 0
-    pooled = sum(k != "per_residue" for k in kinds)
     with open_writer(fmt, output_path, output_names(kinds, layers), attrs, dim=dim) as writer:
         for stored in run.in_order(order):
-            per_layer = stored.nbytes // 4 // len(layers)
-            width = per_layer // (pooled + (stored.length if "per_residue" in kinds else 0))
-            writer.write(stored.record, stored.id, stored.length, stored_outputs(stored, kinds, layers, width))
+            writer.write(stored.record, stored.id, stored.length, stored_outputs(stored, kinds, layers, dim))
             proteins += 1
             residues += stored.length
         if proteins != expected:
