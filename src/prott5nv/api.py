@@ -200,8 +200,6 @@ class ProtT5nv:
         for name, t in sorted(self.model.state_dict().items()):
             if name.startswith("decoder.") or name == "lm_head_bias":
                 continue  # embeddings use the encoder only
-            if type(t) is not torch.Tensor and hasattr(t, "dequantize"):  # a quantized weight (torchao)
-                t = t.dequantize()
             t = t.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update((t.float() if t.is_floating_point() else t).numpy().tobytes())
@@ -304,8 +302,8 @@ def load(
     in that precision (LayerNorms stay float32) and runs under autocast; "auto" is bfloat16 where the
     device supports it, else float32. `sentinels` ("distinct" or "collapsed") overrides the sentinel
     layout a `.nemo` archive is read with (see :func:`~prott5nv.checkpoint.load_checkpoint`). `quantize`
-    "int8" runs the encoder's linear layers in int8 on CPU (:mod:`prott5nv.model.quantize`; needs torchao
-    and a CPU with AVX512-VNNI or AMX, else a ConfigError says why, before the weights are read)."""
+    "int8" runs the encoder's linear layers in int8 on CPU (:mod:`prott5nv.model.quantize`; needs a CPU
+    with AVX512-VNNI or AMX and a C++ compiler, else a ConfigError says why, before the weights are read)."""
     dev = resolve_device(device)
     if quantize is not None and quantize in QUANTIZATIONS and (reason := int8_unavailable(dev)):
         raise ConfigError(reason)

@@ -3,12 +3,17 @@ trainer and the command line alike."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
+from collections.abc import Callable
+
 import torch
 
 from .errors import ConfigError
 from .precision import ALIASES
 
-__all__ = ["DTYPES", "bf16_supported", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "bf16_supported", "release_free_memory", "resolve_device", "resolve_dtype"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # precision.PRECISIONS
 
@@ -54,3 +59,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("float16 is not supported on CPU; use bfloat16 (the CPU half precision)")
     return dtype
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; musl has none
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``; nothing elsewhere).
+    Freed tensors below glibc's mmap threshold (which rises to 32 MiB as large tensors are freed) stay in
+    the heap, fragmented, and keep counting as resident memory: a bf16 load of ProtT5-XL read from float32
+    files kept 0.6 GiB it no longer used, and an int8 quantization most of the bf16 weights it replaced."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from ..device import release_free_memory
 from ..errors import CheckpointError
 from ..model.config import T5Config
 from ..model.t5 import T5Model, weight_dtypes
@@ -59,6 +60,8 @@ def apply_rules(
             continue
         out[rule.ours] = rule.transform([state[k] for k in rule.theirs])
         used.update(rule.theirs)
+        if out[rule.ours].numel() >= 1 << 20:  # what reading, converting and joining freed: back to the OS
+            release_free_memory()
     unexpected = sorted(k for k in state if k not in used and not ignore(k))
     if missing or unexpected:
         raise CheckpointError(
@@ -163,5 +166,9 @@ def load_state_dict_strict(
             raise CheckpointError(
                 f"{source}: weight {k} has shape {tuple(tensor.shape)}, the config implies {tuple(ref.shape)}"
             )
-        out[k] = tensor.to(targets.get(k, ref.dtype)) if tensor.is_floating_point() else tensor
+        converted = tensor.to(targets.get(k, ref.dtype)) if tensor.is_floating_point() else tensor
+        if converted is not tensor and ref.numel() >= 1 << 20:
+            del tensor
+            release_free_memory()  # the source tensor, freed: back to the OS (see release_free_memory)
+        out[k] = converted
     model.load_state_dict(out, assign=any(v.is_meta for v in own.values()))

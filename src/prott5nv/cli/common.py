@@ -79,9 +79,9 @@ def add_model_args(
     if quantize:
         g.add_argument(
             "--quantize", choices=["int8"], default=None,
-            help="int8: the encoder's linear layers in int8 (weights per channel, activations per token; torchao, "
-            "compiled once per run). CPU only, with AVX512-VNNI or AMX; install with pip install 'prott5nv[int8]'. "
-            "Pair it with --dtype bfloat16 (the other layers' precision)",
+            help="int8: the encoder's linear layers as int8 matrix products (weights per channel, activations per "
+            "token; compiled once per run). CPU only, with AVX512-VNNI or AMX and a C++ compiler. Pair it with "
+            "--dtype bfloat16 (the other layers' precision)",
         )  # fmt: skip
     if decoding:
         g.add_argument(
