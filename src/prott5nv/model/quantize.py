@@ -22,6 +22,7 @@ Inductor caches its work on disk). Compiling needs a C++ compiler.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -78,18 +79,14 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     return y.to(x.dtype)
 
 
-_compiled_int8_linear = None
-
 #: int32 products per block of rows in :meth:`Int8Linear.forward` (64 MiB): at ProtT5-XL's 1024 -> 16384
 #: layer, 4,000 rows at once ran 1.24x bf16, blocks of 1,024 rows 1.52x (2 cores, AVX512-VNNI)
 ROW_BLOCK_ELEMENTS = 1 << 24
 
 
+@functools.cache
 def _compiled() -> object:
-    global _compiled_int8_linear
-    if _compiled_int8_linear is None:
-        _compiled_int8_linear = torch.compile(int8_linear, dynamic=True)
-    return _compiled_int8_linear
+    return torch.compile(int8_linear, dynamic=True)  # made on first use, shared by every layer
 
 
 class Int8Linear(nn.Module):
