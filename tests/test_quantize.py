@@ -79,6 +79,78 @@ def test_int8_linear_in_blocks_of_rows(monkeypatch):
     assert torch.equal(whole, blocked)
 
 
+def make_norm(kind: str | None, width: int) -> torch.nn.Module | None:
+    """A pre-norm with non-trivial weights (and bias): what quantize_encoder folds into the next layer."""
+    from prott5nv.model.t5 import RMSNorm
+
+    if kind is None:
+        return None
+    norm = RMSNorm(width, 1e-6) if kind == "rms" else torch.nn.LayerNorm(width, eps=1e-5)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if p is norm.weight else torch.randn_like(p) * 0.1)
+    return norm.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_int8_linear_folds_its_pre_norm(kind):
+    """``Int8Linear.from_linear(linear, norm)`` computes ``linear(norm(x))``: the norm's weight (and bias)
+    folded into the int8 weight (bias), the rows normalised on the fly -- the 1/rms rides on each row's
+    scale (so a row scaled by 100 gives the same output)."""
+    torch.manual_seed(3)
+    linear, norm = torch.nn.Linear(96, 40).to(torch.bfloat16), make_norm(kind, 96)
+    x = torch.randn(4, 11, 96, dtype=torch.bfloat16) + 0.3
+    layer = q.Int8Linear.from_linear(linear, norm)
+    assert layer.norm == (kind, norm.eps) and layer.bias.dtype == torch.float32
+    with torch.inference_mode():
+        ref, got = linear(norm(x)), layer(x)
+        scaled = layer(x * 100)
+    assert torch.nn.functional.cosine_similarity(got.float(), ref.float(), dim=-1).min() > 0.999
+    torch.testing.assert_close(scaled, got, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("activation, norm_kind", [("relu", "rms"), ("gelu_tanh", "layer"), ("gated-gelu", None)])
+def test_int8_feed_forward_is_integer_arithmetic(activation, norm_kind, monkeypatch):
+    """The fused feed-forward quantizes its (normalised) input once, takes the hidden rows from the int32
+    product through the activation (float32) to their own int8 rows, and multiplies again: checked against
+    int64 arithmetic, compiled and eager, in one block of rows and in several (equal); close to the float
+    ``mlp(norm(x))``."""
+    from prott5nv.model.config import T5Config
+    from prott5nv.model.t5 import MLP
+
+    torch.manual_seed(2)
+    cfg = T5Config(family="t5", d_model=48, d_ff=80, activation=activation, dropout_rate=0.0)
+    mlp, norm = MLP(cfg).to(torch.bfloat16).eval(), make_norm(norm_kind, 48)
+    x = torch.randn(2, 9, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = mlp(norm(x) if norm is not None else x)
+    fused = q.Int8MLP(mlp, norm)
+    assert not any(isinstance(m, torch.nn.Linear) for m in mlp.modules())  # the float weights are gone
+
+    def exact(rows, w, row_norm=None):  # int64 product, rescaled in float64
+        rq, rs = q.quantize_rows(rows, row_norm)
+        return (rq.long() @ w.weight.long().t()).double() * rs.double() * w.weight_scale.double() + (
+            0 if w.bias is None else w.bias.double()
+        )
+
+    rows = x.reshape(-1, 48)
+    h = q.ACTIVATIONS[fused.activation](exact(rows, fused.first, fused.first.norm).float())
+    if fused.gated:
+        h = h * exact(rows, fused.wi_1, fused.first.norm).float()
+    expected = exact(h, fused.wo).to(torch.bfloat16).reshape(2, 9, 48)
+    with torch.inference_mode():
+        compiled = fused(x)
+        monkeypatch.setattr(q, "ROW_BLOCK_ELEMENTS", 80 * 5)  # blocks of at most 5 rows of the hidden layer
+        blocked = fused(x)
+        fused.compile_kernel = False
+        eager = fused(x)
+    assert compiled.shape == x.shape and compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(eager.float(), expected.float(), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(compiled.float(), expected.float(), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(blocked, compiled, rtol=0, atol=0)
+    assert torch.nn.functional.cosine_similarity(compiled.float(), ref.float(), dim=-1).min() > 0.99
+
+
 def test_int8_embeddings_close_to_float32(real_proteins):
     """Per protein >= 0.99 and per residue >= 0.98 cosine to float32, with the linear layers really int8."""
     seqs = [s[:300] for _, s in real_proteins]
@@ -87,6 +159,10 @@ def test_int8_embeddings_close_to_float32(real_proteins):
     linears = [m for m in int8.model.encoder.modules() if isinstance(m, torch.nn.Linear | q.Int8Linear)]
     assert len(linears) == 4 * len(int8.model.encoder.blocks) and all(isinstance(m, q.Int8Linear) for m in linears)
     assert all(m.weight.dtype == torch.int8 and m.compile_kernel for m in linears)
+    assert all(
+        isinstance(b.self_attn_norm, torch.nn.Identity) and b.self_attention.qkv.norm[0] == "layer"
+        for b in int8.model.encoder.blocks
+    )  # the demo's LayerNorms folded into the next layers
     assert isinstance(int8.model.decoder.blocks[0].mlp.wi, torch.nn.Linear)  # the decoder is left alone
     h_ref, mask = ref.seqs_to_hiddens(seqs)
     h_int8, mask8 = int8.seqs_to_hiddens(seqs)
