@@ -18,7 +18,9 @@ transformers cannot run): speculative greedy against one token per pass on the m
 inputs its pretraining built from real proteins -- `span` (T5 span corruption: the decoder emits the
 sentinels and the hidden residues) and `denoise` (15% corrupted in place: the decoder rebuilds the whole
 protein, up to --new-tokens). Random weights agree with their own int8 copy on nearly every token; a
-trained model's acceptance decides the real gain.
+trained model's acceptance decides the real gain. Speculation is forced on here whatever the model's size
+(`generate` itself speculates only for decoders of at least `speculation_min_bytes`, 64 MiB; the line
+above the results says which applies).
 
     python benchmarks/generate_throughput.py [--prompts 8] [--new-tokens 64] [--threads 1 2] [--repeats 2]
         [--dtype fp32|bf16]
@@ -38,6 +40,7 @@ from prott5nv.api import ProtT5nv
 from prott5nv.checkpoint.hf import load_hf
 from prott5nv.fasta import read_fasta
 from prott5nv.model.generate import GenerationConfig, GenerationOutput, generate
+from prott5nv.model.speculative import decoder_bytes
 
 SWISSPROT = Path(__file__).resolve().parents[1] / "tests" / "data" / "swissprot_3k.fasta.gz"
 
@@ -165,6 +168,10 @@ def trained(args: argparse.Namespace) -> None:
 
     model = load(args.model)
     tok = model.tokenizer
+    size, bound = decoder_bytes(model.model), GenerationConfig.speculation_min_bytes
+    print(f"{args.model}: decoder weights {size / 2**20:.0f} MiB; by default `generate` "
+          f"{'speculates' if size >= bound else 'does not speculate'} (bound {bound / 2**20:.0f} MiB); "
+          "measured here with speculation forced on", flush=True)  # fmt: skip
     records = (r for r in read_fasta(SWISSPROT) if args.min_length <= len(r.sequence) <= args.max_length)
     seqs = [next(records).sequence for _ in range(args.prompts)]
     ids = model.encode(seqs)
@@ -178,7 +185,7 @@ def trained(args: argparse.Namespace) -> None:
             def run(speculative: bool, input_ids=input_ids, mask=mask) -> GenerationOutput:
                 cfg = GenerationConfig(max_new_tokens=args.new_tokens, speculative=speculative,
                                        draft_tokens=args.draft_tokens, min_acceptance=args.min_acceptance,
-                                       vocab_limit=tok.real_vocab_size)  # fmt: skip
+                                       speculation_min_bytes=0, vocab_limit=tok.real_vocab_size)  # fmt: skip
                 with torch.inference_mode():
                     return generate(model.model, input_ids, mask, cfg, decoder_start_id=tok.decoder_start_id,
                                     eos_id=tok.eos_id, pad_id=tok.pad_id)  # fmt: skip

@@ -108,7 +108,8 @@ def test_greedy_equals_nemo(models, layout, speculative):
     """NeMo's decode(): 16 steps after BOS, no stop at EOS, ids >= tokenizer.vocab_size (32) masked."""
     model, tok = models[layout]
     ref = npy(f"nemo_{layout}_greedy")
-    cfg = GenerationConfig(max_new_tokens=ref.shape[1] - 1, speculative=speculative, vocab_limit=NEMO_VOCAB)
+    cfg = GenerationConfig(max_new_tokens=ref.shape[1] - 1, speculative=speculative, vocab_limit=NEMO_VOCAB,
+                           speculation_min_bytes=0)  # fmt: skip
     enc = torch.from_numpy(npy(f"nemo_{layout}_enc_tokens"))
     out = generate(model, enc, torch.from_numpy(npy("nemo_enc_mask")), cfg,
                    decoder_start_id=tok.decoder_start_id, eos_id=-1, pad_id=tok.pad_id)  # fmt: skip
@@ -118,7 +119,7 @@ def test_greedy_equals_nemo(models, layout, speculative):
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"speculative": False}, {"num_beams": 3, "num_return_sequences": 3},
+    [{"speculation_min_bytes": 0}, {"speculative": False}, {"num_beams": 3, "num_return_sequences": 3},
      {"do_sample": True, "num_return_sequences": 4, "temperature": 3.0}],
     ids=["speculative", "greedy", "beam", "sample"],
 )  # fmt: skip

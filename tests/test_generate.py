@@ -109,7 +109,7 @@ def test_cache_equals_uncached(tiny_model, hf_pair, prompts, settings, which):
 @pytest.mark.parametrize("draft_tokens", [1, 3, 8])
 @pytest.mark.parametrize("which", ["megatron", "t5"])
 def test_speculative_greedy_equals_one_token_per_pass(tiny_model, hf_pair, prompts, which, draft_tokens):
-    """Greedy on CPU fp32 is speculative by default (a bf16 draft proposes, the model verifies): the same
+    """Greedy on CPU fp32 is speculative (an int8 draft proposes, the model verifies; at any size here): the same
     tokens, lengths and log-probs as one token per pass, with rows ending at EOS at different steps and
     max_new_tokens not a multiple of draft_tokens. (Speculation never gives up here, however often the tiny
     models' drafts disagree: giving up is tested below.)"""
@@ -120,7 +120,8 @@ def test_speculative_greedy_equals_one_token_per_pass(tiny_model, hf_pair, promp
     feed = Stepper.feed
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Stepper, "feed", lambda self, t: passes.append(self.model) or feed(self, t))
-        fast = run(model, prompts, max_new_tokens=N_NEW + 1, draft_tokens=draft_tokens, min_acceptance=0.0)
+        fast = run(model, prompts, max_new_tokens=N_NEW + 1, draft_tokens=draft_tokens, min_acceptance=0.0,
+                   speculation_min_bytes=0)  # fmt: skip
     plain = run(model, prompts, max_new_tokens=N_NEW + 1, speculative=False)
     assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.lengths, plain.lengths)
     torch.testing.assert_close(fast.token_logprobs, plain.token_logprobs, atol=1e-5, rtol=1e-5)
@@ -143,14 +144,31 @@ def test_speculation_gives_up_on_a_disagreeing_draft(tiny_model, prompts):
         draft.lm_head_bias.zero_()
     plain = run(ours, prompts, max_new_tokens=N_NEW, speculative=False)
     assert not bool((plain.sequences == 0).any())  # the model itself never chooses id 0 (padding is 3)
-    gave_up = run(ours, prompts, max_new_tokens=N_NEW, draft_tokens=3)
+    gave_up = run(ours, prompts, max_new_tokens=N_NEW, draft_tokens=3, speculation_min_bytes=0)
     assert spec.draft_model(model) is draft  # the scrambled draft was the one used
     assert (gave_up.passes, gave_up.proposed) == (4, 12) and gave_up.accepted < 6
-    stubborn = run(ours, prompts, max_new_tokens=N_NEW, draft_tokens=3, min_acceptance=0.0)
+    stubborn = run(ours, prompts, max_new_tokens=N_NEW, draft_tokens=3, min_acceptance=0.0, speculation_min_bytes=0)
     assert stubborn.passes > 4
     for out in (gave_up, stubborn):
         assert torch.equal(out.sequences, plain.sequences) and torch.equal(out.lengths, plain.lengths)
         torch.testing.assert_close(out.token_logprobs, plain.token_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_speculation_only_where_the_decoder_is_large(tiny_model, prompts):
+    """By default a model whose decoder weights are under `speculation_min_bytes` (64 MiB; the tiny model's
+    are far under) decodes one token per pass: no draft pass at all; with the bound at its size it speculates."""
+    from prott5nv.model.speculative import decoder_bytes
+
+    size = decoder_bytes(tiny_model.model)
+    params = sum(p.numel() for p in tiny_model.model.decoder.parameters())
+    assert size == 4 * params < GenerationConfig.speculation_min_bytes
+    default = run(tiny_model, prompts, max_new_tokens=N_NEW)
+    at_size = run(tiny_model, prompts, max_new_tokens=N_NEW, speculation_min_bytes=size)
+    above = run(tiny_model, prompts, max_new_tokens=N_NEW, speculation_min_bytes=size + 1)
+    assert default.passes is None and above.passes is None and at_size.passes > 0  # None: not speculative
+    assert torch.equal(default.sequences, at_size.sequences)
+    with pytest.raises(ConfigError, match="speculation_min_bytes must be >= 0"):
+        GenerationConfig(speculation_min_bytes=-1).validate()
 
 
 @pytest.mark.parametrize("kind", ["int8", "bf16", "int8 kernels fail"])
@@ -176,7 +194,8 @@ def test_draft_model_is_kept_until_the_weights_change(tiny_model, prompts, monke
     linear = draft.decoder.blocks[0].mlp.wo
     assert ("quantized" in type(linear).__module__) == (kind == "int8")
     assert draft.embeddings.word_embeddings.weight.dtype == (torch.float32 if kind == "int8" else torch.bfloat16)
-    fast = run(ours, prompts, max_new_tokens=N_NEW)
+    fast = run(ours, prompts, max_new_tokens=N_NEW, speculation_min_bytes=0)
+    assert fast.passes > 0
     assert torch.equal(fast.sequences, run(ours, prompts, max_new_tokens=N_NEW, speculative=False).sequences)
     with torch.no_grad():
         model.decoder.blocks[0].mlp.wo.weight.mul_(1.0)  # an in-place update: the draft is rebuilt

@@ -112,8 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     g.add_argument("--no-speculative", dest="speculative", action="store_false",
-                   help="greedy one token per pass (default on CPU fp32: an int8 draft proposes 6 tokens, the "
-                        "model verifies them in one pass; same tokens, faster)")  # fmt: skip
+                   help="greedy one token per pass (default on CPU fp32 for decoders of >= 64 MiB: an int8 "
+                        "draft proposes 6 tokens, the model checks them in one pass; same tokens, faster)")  # fmt: skip
     p.set_defaults(func=run)
 
 

@@ -8,12 +8,17 @@ the fp32 model's own argmaxes, so the output is greedy decoding of the fp32 mode
 from one token per pass is the last bits of fp32 arithmetic done in another order, which can decide a
 near-tie the other way (as a different batch size can).
 
-It pays only while the draft agrees with the model. On random weights the int8 copy agrees on nearly every
-token (6.4 tokens per pass of 6 drafted); on the trained demo model (measured on a busy 2-core machine) it
-kept 56% of its drafts when rebuilding whole proteins (1.48x faster than one token per pass) but 32% on
-span-corruption targets (0.59x: slower). So after ``speculation_trial`` (4) passes, a draft that has kept
-less than ``min_acceptance`` (half) of what it proposed is dropped and the rest is decoded one token per
-pass: the decision depends on the tokens only, never on timing, so the output stays the same.
+It pays only where a step is bound by reading the weights, and only while the draft agrees with the model.
+Size: even a draft that agrees on every token gains nothing on a decoder that stays in cache (0.98x at the
+demo's 8 MiB, 1.12x at 54 MiB, 1.48x at base size's 433 MiB), so models whose decoder weights are under
+``speculation_min_bytes`` (64 MiB) decode one token per pass. Agreement: on random weights the int8 copy
+agrees on nearly every token; on the re-shipped demo model it kept 67% of its drafts rebuilding whole
+proteins and 25% on span-corruption targets (and lost time on both: 0.75x and 0.82x, too small to gain); on
+a base-size model trained for 213 steps it kept 99-100% (1.35-1.68x faster than one token per pass), since
+such a briefly trained model still repeats a few residues. So after ``speculation_trial`` (4) passes, a
+draft that has kept less than ``min_acceptance`` (half) of what it proposed is dropped and the rest is
+decoded one token per pass: the decisions depend on the model's size and the tokens, never on timing, so
+the output stays the same.
 """
 
 from __future__ import annotations
@@ -70,7 +75,13 @@ def speculates(model: T5Model, cfg: GenerationConfig, processor: LogitsProcessor
     """Whether :func:`~prott5nv.model.generate.generate` decodes greedily by speculation here."""
     weight = model.embeddings.word_embeddings.weight
     return (cfg.speculative and cfg.use_cache and not cfg.do_sample and cfg.num_beams == 1 and processor is None
-            and weight.device.type == "cpu" and weight.dtype == torch.float32 and not model.training)  # fmt: skip
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and not model.training
+            and decoder_bytes(model) >= cfg.speculation_min_bytes)  # fmt: skip
+
+
+def decoder_bytes(model: T5Model) -> int:
+    """The bytes of the decoder's weights: what a one-token step reads (``speculation_min_bytes``)."""
+    return sum(p.numel() * p.element_size() for p in model.decoder.parameters())
 
 
 def greedy_speculative(
